@@ -1,0 +1,14 @@
+/* The kvpred command's subcommands: one file each (tools/cmd_<name>.c).
+ * Each takes the arguments after its name (argv[0] is the subcommand name),
+ * prints a one-line reason to stderr on bad input and returns the process
+ * exit status. */
+#ifndef KVP_CMDS_H
+#define KVP_CMDS_H
+
+int kvp_cmd_info(int argc, char **argv);
+int kvp_cmd_tokenize(int argc, char **argv);
+int kvp_cmd_generate(int argc, char **argv);
+int kvp_cmd_make_model(int argc, char **argv);
+int kvp_cmd_bench(int argc, char **argv);
+
+#endif
