@@ -67,7 +67,9 @@ typedef struct kvp_gguf_kv {
         struct {
             kvp_gguf_vtype_t elem_type;
             uint64_t count;
-            const void *data;          /* raw little-endian elements (fixed-size types) */
+            /* raw little-endian elements (fixed-size types); may be unaligned:
+             * read them with kvp_gguf_arr_i64/_f64 or memcpy */
+            const void *data;
             const kvp_gguf_str_t *strs; /* for STRING arrays: count entries */
         } arr;
     } v;
@@ -95,6 +97,8 @@ uint32_t kvp_gguf_version(const kvp_gguf_t *g);
 uint32_t kvp_gguf_alignment(const kvp_gguf_t *g);
 const char *kvp_gguf_path(const kvp_gguf_t *g);
 uint64_t kvp_gguf_file_size(const kvp_gguf_t *g);
+/* File offset where the data section starts (tensor offsets are relative to it). */
+uint64_t kvp_gguf_data_offset(const kvp_gguf_t *g);
 
 /* Metadata */
 uint64_t kvp_gguf_n_kv(const kvp_gguf_t *g);
@@ -164,6 +168,10 @@ int kvp_gguf_writer_set_arr_i32(kvp_gguf_writer_t *w, const char *key, const int
                                 uint64_t n);
 int kvp_gguf_writer_set_arr_f32(kvp_gguf_writer_t *w, const char *key, const float *v,
                                 uint64_t n);
+/* An array of any fixed-size element type (not STRING or ARRAY), elements given
+ * as n raw little-endian values of that type. */
+int kvp_gguf_writer_set_arr_raw(kvp_gguf_writer_t *w, const char *key, kvp_gguf_vtype_t elem_type,
+                                const void *v, uint64_t n);
 int kvp_gguf_writer_set_arr_str(kvp_gguf_writer_t *w, const char *key, const char *const *v,
                                 uint64_t n);
 /* Copies one pair (any type, arrays included) read from another file. */
