@@ -9,8 +9,7 @@
 static int corename_has_avx512(const char *name) {
     static const char *const fast[] = {"SkylakeX", "Cooperlake", "SapphireRapids"};
     for (size_t i = 0; i < sizeof fast / sizeof fast[0]; i++)
-        if (name && !strcmp(name, fast[i]))
-            return 1;
+        if (name && !strcmp(name, fast[i])) return 1;
     return 0;
 }
 
@@ -25,10 +24,8 @@ static int cpu_has_avx512(void) {
 }
 
 void kvp_blas_init(char **argv) {
-    if (getenv("OPENBLAS_CORETYPE") || getenv("KVP_BLAS_NO_REEXEC"))
-        return;
-    if (!cpu_has_avx512() || corename_has_avx512(openblas_get_corename()))
-        return;
+    if (getenv("OPENBLAS_CORETYPE") || getenv("KVP_BLAS_NO_REEXEC")) return;
+    if (!cpu_has_avx512() || corename_has_avx512(openblas_get_corename())) return;
     /* KVP_BLAS_SWITCHED tells the new image that it was switched, and also
      * stops a loop should the library ignore the variable. */
     setenv("OPENBLAS_CORETYPE", "SkylakeX", 1);

@@ -1,0 +1,475 @@
+#include "kvp_model.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvp_ops.h"
+#include "kvp_rng.h"
+
+/* ---- configuration ---------------------------------------------------- */
+
+int kvp_model_config_check(kvp_model_config_t *c, kvp_err_t *err) {
+    if (c->head_dim == 0 && c->n_head > 0) c->head_dim = c->n_embd / c->n_head;
+    if (c->rope_dim == 0) c->rope_dim = c->head_dim;
+    if (c->rope_base == 0.0f) c->rope_base = 10000.0f;
+    if (c->norm_eps == 0.0f) c->norm_eps = 1e-5f;
+    if (c->n_kv_head == 0) c->n_kv_head = c->n_head;
+    if (c->n_vocab <= 0 || c->n_embd <= 0 || c->n_layer <= 0 || c->n_head <= 0 ||
+        c->n_kv_head <= 0 || c->head_dim <= 0 || c->n_ff <= 0)
+        return kvp_err_set(err, KVP_EINVAL,
+                           "model config: every size must be positive (vocab %d, embd %d, layers "
+                           "%d, heads %d, kv heads %d, head dim %d, ffn %d)",
+                           c->n_vocab, c->n_embd, c->n_layer, c->n_head, c->n_kv_head, c->head_dim,
+                           c->n_ff);
+    if (c->n_head % c->n_kv_head)
+        return kvp_err_set(err, KVP_EINVAL,
+                           "model config: head_count %d is not a multiple of head_count_kv %d",
+                           c->n_head, c->n_kv_head);
+    if (c->rope_dim > c->head_dim || c->rope_dim % 2)
+        return kvp_err_set(err, KVP_EINVAL,
+                           "model config: rope dimension %d must be even and at most head dim %d",
+                           c->rope_dim, c->head_dim);
+    /* Keep every size well inside int arithmetic of the kernels. */
+    if (c->n_vocab > (1 << 24) || c->n_embd > (1 << 16) || c->n_ff > (1 << 18) ||
+        c->n_layer > 1024 || c->n_head > 1024 || c->head_dim > 1024)
+        return kvp_err_set(err, KVP_ENOMEM, "model config: sizes beyond kvpred's limits");
+    if (c->n_ctx_train <= 0) c->n_ctx_train = 2048;
+    return KVP_OK;
+}
+
+/* ---- the weight arena ------------------------------------------------- */
+
+static size_t arena_size(const kvp_model_config_t *c) {
+    size_t E = c->n_embd, nq = (size_t)c->n_head * c->head_dim,
+           nkv = (size_t)c->n_kv_head * c->head_dim, F = c->n_ff;
+    size_t per_layer = E + (nq + 2 * nkv) * E + E * nq + E + 2 * F * E + E * F;
+    return (size_t)c->n_vocab * E * (c->tied_output ? 1 : 2) + E + per_layer * c->n_layer;
+}
+
+static int model_alloc(kvp_model_t **out, const kvp_model_config_t *cfg, kvp_err_t *err) {
+    kvp_model_t *m = calloc(1, sizeof *m);
+    if (!m) return kvp_err_set(err, KVP_ENOMEM, "model: out of memory");
+    m->cfg = *cfg;
+    const kvp_model_config_t *c = &m->cfg;
+    m->n_params = arena_size(c);
+    m->params = malloc(sizeof(float) * m->n_params);
+    m->layers = calloc((size_t)c->n_layer, sizeof *m->layers);
+    m->inv_freq = malloc(sizeof(float) * (size_t)(c->rope_dim / 2 + 1));
+    if (!m->params || !m->layers || !m->inv_freq) {
+        size_t mib = (sizeof(float) * m->n_params) >> 20;
+        kvp_model_free(&m);
+        return kvp_err_set(err, KVP_ENOMEM, "model: cannot allocate %zu MiB of weights", mib);
+    }
+    size_t E = c->n_embd, nq = (size_t)c->n_head * c->head_dim,
+           nkv = (size_t)c->n_kv_head * c->head_dim, F = c->n_ff;
+    float *p = m->params;
+    m->tok_embd = p, p += (size_t)c->n_vocab * E;
+    if (c->tied_output)
+        m->output = m->tok_embd;
+    else
+        m->output = p, p += (size_t)c->n_vocab * E;
+    m->output_norm = p, p += E;
+    for (int l = 0; l < c->n_layer; l++) {
+        kvp_layer_t *L = &m->layers[l];
+        L->attn_norm = p, p += E;
+        L->wqkv = p, p += (nq + 2 * nkv) * E;
+        L->wq = L->wqkv;
+        L->wk = L->wq + nq * E;
+        L->wv = L->wk + nkv * E;
+        L->wo = p, p += E * nq;
+        L->ffn_norm = p, p += E;
+        L->w_gate_up = p, p += 2 * F * E;
+        L->w_gate = L->w_gate_up;
+        L->w_up = L->w_gate + F * E;
+        L->w_down = p, p += E * F;
+    }
+    kvp_rope_inv_freq(m->inv_freq, c->rope_dim, c->rope_base, NULL);
+    *out = m;
+    return KVP_OK;
+}
+
+void kvp_model_free(kvp_model_t **m) {
+    if (!m || !*m) return;
+    free((*m)->params);
+    free((*m)->layers);
+    free((*m)->inv_freq);
+    free(*m);
+    *m = NULL;
+}
+
+int kvp_model_new_random(kvp_model_t **out, const kvp_model_config_t *cfg_in, uint64_t seed,
+                         float std, kvp_err_t *err) {
+    *out = NULL;
+    kvp_model_config_t cfg = *cfg_in;
+    int rc = kvp_model_config_check(&cfg, err);
+    if (rc) return rc;
+    kvp_model_t *m;
+    if ((rc = model_alloc(&m, &cfg, err))) return rc;
+    if (std == 0.0f) std = 0.02f;
+    kvp_rng_t rng;
+    kvp_rng_seed(&rng, seed);
+    for (size_t i = 0; i < m->n_params; i++)
+        m->params[i] = std * kvp_rng_normal(&rng);
+    const size_t E = (size_t)cfg.n_embd;
+    for (size_t i = 0; i < E; i++) {
+        m->output_norm[i] = 1.0f;
+        for (int l = 0; l < cfg.n_layer; l++)
+            m->layers[l].attn_norm[i] = m->layers[l].ffn_norm[i] = 1.0f;
+    }
+    *out = m;
+    return KVP_OK;
+}
+
+/* ---- GGUF ------------------------------------------------------------- */
+
+static int read_config(const kvp_gguf_t *g, kvp_model_config_t *c, kvp_err_t *err) {
+    char arch[64];
+    int rc = kvp_gguf_get_str(g, "general.architecture", arch, sizeof arch, err);
+    if (rc) return rc;
+    if (strcmp(arch, "llama"))
+        return kvp_err_set(err, KVP_EUNSUPPORTED,
+                           "general.architecture is '%s'; kvpred runs 'llama' models", arch);
+    uint32_t u;
+    memset(c, 0, sizeof *c);
+#define GET_U32(key, field)                                                                        \
+    do {                                                                                           \
+        if ((rc = kvp_gguf_get_u32(g, key, &u, err))) return rc;                                   \
+        c->field = (int)u;                                                                         \
+    } while (0)
+    GET_U32("llama.block_count", n_layer);
+    GET_U32("llama.embedding_length", n_embd);
+    GET_U32("llama.feed_forward_length", n_ff);
+    GET_U32("llama.attention.head_count", n_head);
+#undef GET_U32
+    if ((rc =
+             kvp_gguf_get_u32_or(g, "llama.attention.head_count_kv", (uint32_t)c->n_head, &u, err)))
+        return rc;
+    c->n_kv_head = (int)u;
+    uint32_t head_dim_def = c->n_head ? (uint32_t)(c->n_embd / c->n_head) : 0;
+    if ((rc = kvp_gguf_get_u32_or(g, "llama.attention.key_length", head_dim_def, &u, err)))
+        return rc;
+    c->head_dim = (int)u;
+    if ((rc = kvp_gguf_get_u32_or(g, "llama.rope.dimension_count", (uint32_t)c->head_dim, &u, err)))
+        return rc;
+    c->rope_dim = (int)u;
+    if ((rc = kvp_gguf_get_u32_or(g, "llama.context_length", 2048, &u, err))) return rc;
+    c->n_ctx_train = (int)u;
+    if ((rc = kvp_gguf_get_f32_or(g, "llama.rope.freq_base", 10000.0f, &c->rope_base, err)) ||
+        (rc = kvp_gguf_get_f32_or(g, "llama.attention.layer_norm_rms_epsilon", 1e-5f, &c->norm_eps,
+                                  err)))
+        return rc;
+    const kvp_gguf_tensor_t *te = kvp_gguf_find_tensor(g, "token_embd.weight");
+    if (!te) return kvp_err_set(err, KVP_EFORMAT, "missing tensor 'token_embd.weight'");
+    c->n_vocab = te->n_dims == 2 ? (int)te->ne[1] : 0;
+    c->tied_output = kvp_gguf_find_tensor(g, "output.weight") == NULL;
+    return kvp_model_config_check(c, err);
+}
+
+/* Converts tensor `name` into dst after checking it is [ne1][ne0] (ne1 = 0: 1-D). */
+static int load_tensor(const kvp_gguf_t *g, const char *name, uint64_t ne0, uint64_t ne1,
+                       float *dst, kvp_err_t *err) {
+    const kvp_gguf_tensor_t *t = kvp_gguf_find_tensor(g, name);
+    if (!t) return kvp_err_set(err, KVP_EFORMAT, "missing tensor '%s'", name);
+    uint32_t want_dims = ne1 ? 2 : 1;
+    if (t->n_dims != want_dims || t->ne[0] != ne0 || (ne1 && t->ne[1] != ne1))
+        return kvp_err_set(err, KVP_ESHAPE,
+                           "tensor '%s' has shape [%llu, %llu] (%u dims); the metadata implies "
+                           "[%llu, %llu]",
+                           name, (unsigned long long)t->ne[0],
+                           (unsigned long long)(t->n_dims > 1 ? t->ne[1] : 1), t->n_dims,
+                           (unsigned long long)ne0, (unsigned long long)(ne1 ? ne1 : 1));
+    int rc = kvp_gguf_tensor_to_f32(t, dst, err);
+    if (rc) kvp_err_wrap(err, "tensor '%s'", name);
+    return rc;
+}
+
+int kvp_model_from_gguf(kvp_model_t **out, const kvp_gguf_t *g, kvp_err_t *err) {
+    *out = NULL;
+    kvp_model_config_t cfg;
+    int rc = read_config(g, &cfg, err);
+    if (rc) return rc;
+    kvp_model_t *m;
+    if ((rc = model_alloc(&m, &cfg, err))) return rc;
+    const uint64_t E = cfg.n_embd, V = cfg.n_vocab, F = cfg.n_ff,
+                   nq = (uint64_t)cfg.n_head * cfg.head_dim,
+                   nkv = (uint64_t)cfg.n_kv_head * cfg.head_dim;
+    rc = load_tensor(g, "token_embd.weight", E, V, m->tok_embd, err);
+    if (!rc && !cfg.tied_output) rc = load_tensor(g, "output.weight", E, V, m->output, err);
+    if (!rc) rc = load_tensor(g, "output_norm.weight", E, 0, m->output_norm, err);
+    char name[96];
+    for (int l = 0; l < cfg.n_layer && !rc; l++) {
+        kvp_layer_t *L = &m->layers[l];
+        struct {
+            const char *suffix;
+            uint64_t ne0, ne1;
+            float *dst;
+        } ts[] = {
+            {"attn_norm", E, 0, L->attn_norm}, {"attn_q", E, nq, L->wq},
+            {"attn_k", E, nkv, L->wk},         {"attn_v", E, nkv, L->wv},
+            {"attn_output", nq, E, L->wo},     {"ffn_norm", E, 0, L->ffn_norm},
+            {"ffn_gate", E, F, L->w_gate},     {"ffn_up", E, F, L->w_up},
+            {"ffn_down", F, E, L->w_down},
+        };
+        for (size_t i = 0; i < sizeof ts / sizeof ts[0] && !rc; i++) {
+            snprintf(name, sizeof name, "blk.%d.%s.weight", l, ts[i].suffix);
+            rc = load_tensor(g, name, ts[i].ne0, ts[i].ne1, ts[i].dst, err);
+        }
+    }
+    /* Llama 3 style per-frequency scaling. */
+    const kvp_gguf_tensor_t *rf = kvp_gguf_find_tensor(g, "rope_freqs.weight");
+    if (!rc && rf) {
+        float *factors = malloc(sizeof(float) * (size_t)(cfg.rope_dim / 2));
+        rc = factors
+                 ? load_tensor(g, "rope_freqs.weight", (uint64_t)cfg.rope_dim / 2, 0, factors, err)
+                 : kvp_err_set(err, KVP_ENOMEM, "out of memory");
+        if (!rc) kvp_rope_inv_freq(m->inv_freq, cfg.rope_dim, cfg.rope_base, factors);
+        free(factors);
+    }
+    if (rc) {
+        kvp_model_free(&m);
+        return rc;
+    }
+    *out = m;
+    return KVP_OK;
+}
+
+int kvp_model_load(kvp_model_t **out, const char *path, kvp_err_t *err) {
+    kvp_gguf_t *g;
+    *out = NULL;
+    int rc = kvp_gguf_open(&g, path, err);
+    if (rc) return rc;
+    rc = kvp_model_from_gguf(out, g, err);
+    if (rc) kvp_err_wrap(err, "%s", path);
+    kvp_gguf_free(&g);
+    return rc;
+}
+
+int kvp_model_to_gguf(const kvp_model_t *m, kvp_gguf_writer_t *w, kvp_ggml_type_t type,
+                      kvp_err_t *err) {
+    const kvp_model_config_t *c = &m->cfg;
+    int rc = 0;
+    rc |= kvp_gguf_writer_set_str(w, "general.architecture", "llama");
+    rc |= kvp_gguf_writer_set_u32(w, "llama.block_count", (uint32_t)c->n_layer);
+    rc |= kvp_gguf_writer_set_u32(w, "llama.context_length", (uint32_t)c->n_ctx_train);
+    rc |= kvp_gguf_writer_set_u32(w, "llama.embedding_length", (uint32_t)c->n_embd);
+    rc |= kvp_gguf_writer_set_u32(w, "llama.feed_forward_length", (uint32_t)c->n_ff);
+    rc |= kvp_gguf_writer_set_u32(w, "llama.attention.head_count", (uint32_t)c->n_head);
+    rc |= kvp_gguf_writer_set_u32(w, "llama.attention.head_count_kv", (uint32_t)c->n_kv_head);
+    rc |= kvp_gguf_writer_set_u32(w, "llama.rope.dimension_count", (uint32_t)c->rope_dim);
+    rc |= kvp_gguf_writer_set_f32(w, "llama.rope.freq_base", c->rope_base);
+    rc |= kvp_gguf_writer_set_f32(w, "llama.attention.layer_norm_rms_epsilon", c->norm_eps);
+    rc |= kvp_gguf_writer_set_u32(w, "llama.vocab_size", (uint32_t)c->n_vocab);
+    if (c->head_dim != c->n_embd / c->n_head) {
+        rc |= kvp_gguf_writer_set_u32(w, "llama.attention.key_length", (uint32_t)c->head_dim);
+        rc |= kvp_gguf_writer_set_u32(w, "llama.attention.value_length", (uint32_t)c->head_dim);
+    }
+    if (rc) return kvp_err_set(err, KVP_ENOMEM, "writing model metadata: out of memory");
+    const uint64_t E = c->n_embd, V = c->n_vocab, F = c->n_ff,
+                   nq = (uint64_t)c->n_head * c->head_dim,
+                   nkv = (uint64_t)c->n_kv_head * c->head_dim;
+    /* 1-D norm weights stay F32, as llama.cpp's converters keep them. */
+#define ADD(name, ne0, ne1, ptr)                                                                   \
+    do {                                                                                           \
+        uint64_t ne_[2] = {(ne0), (ne1)};                                                          \
+        if ((rc = kvp_gguf_writer_add_tensor(w, name, (ne1) ? 2 : 1, ne_,                          \
+                                             (ne1) ? type : KVP_GGML_F32, ptr, err)))              \
+            return rc;                                                                             \
+    } while (0)
+    ADD("token_embd.weight", E, V, m->tok_embd);
+    ADD("output_norm.weight", E, 0, m->output_norm);
+    if (!c->tied_output) ADD("output.weight", E, V, m->output);
+    char name[96];
+    for (int l = 0; l < c->n_layer; l++) {
+        const kvp_layer_t *L = &m->layers[l];
+#define ADDL(suffix, ne0, ne1, ptr)                                                                \
+    do {                                                                                           \
+        snprintf(name, sizeof name, "blk.%d.%s.weight", l, suffix);                                \
+        ADD(name, ne0, ne1, ptr);                                                                  \
+    } while (0)
+        ADDL("attn_norm", E, 0, L->attn_norm);
+        ADDL("attn_q", E, nq, L->wq);
+        ADDL("attn_k", E, nkv, L->wk);
+        ADDL("attn_v", E, nkv, L->wv);
+        ADDL("attn_output", nq, E, L->wo);
+        ADDL("ffn_norm", E, 0, L->ffn_norm);
+        ADDL("ffn_gate", E, F, L->w_gate);
+        ADDL("ffn_up", E, F, L->w_up);
+        ADDL("ffn_down", F, E, L->w_down);
+#undef ADDL
+    }
+#undef ADD
+    return KVP_OK;
+}
+
+double kvp_model_flops(const kvp_model_config_t *c, int n_past, int n_tok) {
+    double E = c->n_embd, nq = (double)c->n_head * c->head_dim,
+           nkv = (double)c->n_kv_head * c->head_dim, F = c->n_ff;
+    double dense = 2.0 * (E * (nq + 2 * nkv) + nq * E + 3.0 * E * F);
+    /* token t attends to n_past + t + 1 positions: QK^T and PV, each 2*nq per position */
+    double positions = (double)n_tok * n_past + (double)n_tok * (n_tok + 1) / 2.0;
+    double attn = 4.0 * nq * positions;
+    return c->n_layer * (dense * n_tok + attn) + 2.0 * E * c->n_vocab;
+}
+
+int kvp_model_new_cache(const kvp_model_t *m, int cap, kvp_kvcache_t **out, kvp_err_t *err) {
+    const kvp_model_config_t *c = &m->cfg;
+    return kvp_kvcache_new(out, c->n_layer, c->n_kv_head, c->head_dim, cap, c->rope_dim,
+                           m->inv_freq, err);
+}
+
+/* ---- forward ---------------------------------------------------------- */
+
+struct kvp_model_ctx {
+    const kvp_model_t *m;
+    int max_tok, max_ctx;
+    float *x;       /* [max_tok][n_embd] residual stream */
+    float *xn;      /* [max_tok][n_embd] normed input / projection output */
+    float *qkv;     /* [max_tok][n_q + 2*n_kv] */
+    float *att;     /* [max_tok][n_q] */
+    float *gu;      /* [max_tok][2*n_ff] */
+    float *ffh;     /* [max_tok][n_ff] */
+    float *scratch; /* attention scores */
+    float *rope_cs; /* [max_tok][rope_dim]: cos/sin of each position of the chunk */
+};
+
+int kvp_model_ctx_new(kvp_model_ctx_t **out, const kvp_model_t *m, int max_tok, int max_ctx,
+                      kvp_err_t *err) {
+    *out = NULL;
+    if (max_tok <= 0 || max_ctx <= 0)
+        return kvp_err_set(err, KVP_EINVAL, "model context: max_tok %d and max_ctx %d must be > 0",
+                           max_tok, max_ctx);
+    if (max_tok > max_ctx) max_tok = max_ctx;
+    const kvp_model_config_t *c = &m->cfg;
+    kvp_model_ctx_t *ctx = calloc(1, sizeof *ctx);
+    if (!ctx) return kvp_err_set(err, KVP_ENOMEM, "model context: out of memory");
+    size_t T = (size_t)max_tok, nq = (size_t)c->n_head * c->head_dim,
+           nkv = (size_t)c->n_kv_head * c->head_dim;
+    ctx->m = m;
+    ctx->max_tok = max_tok;
+    ctx->max_ctx = max_ctx;
+    ctx->x = malloc(sizeof(float) * T * c->n_embd);
+    ctx->xn = malloc(sizeof(float) * T * c->n_embd);
+    ctx->qkv = malloc(sizeof(float) * T * (nq + 2 * nkv));
+    ctx->att = malloc(sizeof(float) * T * nq);
+    ctx->gu = malloc(sizeof(float) * T * 2 * c->n_ff);
+    ctx->ffh = malloc(sizeof(float) * T * c->n_ff);
+    ctx->scratch = malloc(sizeof(float) * kvp_attention_scratch(max_tok, max_ctx));
+    ctx->rope_cs = malloc(sizeof(float) * T * (size_t)(c->rope_dim + 1));
+    if (!ctx->x || !ctx->xn || !ctx->qkv || !ctx->att || !ctx->gu || !ctx->ffh || !ctx->scratch ||
+        !ctx->rope_cs) {
+        kvp_model_ctx_free(&ctx);
+        return kvp_err_set(err, KVP_ENOMEM, "model context: out of memory for %d tokens", max_tok);
+    }
+    *out = ctx;
+    return KVP_OK;
+}
+
+void kvp_model_ctx_free(kvp_model_ctx_t **ctx) {
+    if (!ctx || !*ctx) return;
+    kvp_model_ctx_t *c = *ctx;
+    free(c->x);
+    free(c->xn);
+    free(c->qkv);
+    free(c->att);
+    free(c->gu);
+    free(c->ffh);
+    free(c->scratch);
+    free(c->rope_cs);
+    free(c);
+    *ctx = NULL;
+}
+
+const kvp_model_t *kvp_model_ctx_model(const kvp_model_ctx_t *ctx) {
+    return ctx->m;
+}
+
+static void add_rows(float *x, const float *y, size_t n) {
+    for (size_t i = 0; i < n; i++)
+        x[i] += y[i];
+}
+
+/* One transformer block over n tokens at positions pos0.. */
+static void block_forward(kvp_model_ctx_t *ctx, kvp_kvcache_t *cache, int l, int n, int pos0) {
+    /* the steps of one Llama block, in order */
+    const kvp_model_t *m = ctx->m;
+    const kvp_model_config_t *c = &m->cfg;
+    const kvp_layer_t *L = &m->layers[l];
+    const int E = c->n_embd, nq = c->n_head * c->head_dim, nkv = c->n_kv_head * c->head_dim;
+    const int ld_qkv = nq + 2 * nkv;
+
+    kvp_rmsnorm(ctx->xn, ctx->x, L->attn_norm, n, E, c->norm_eps);
+    kvp_matmul(ctx->qkv, ctx->xn, L->wqkv, n, E, ld_qkv);
+    for (int t = 0; t < n; t++) {
+        float *row = ctx->qkv + (size_t)t * ld_qkv;
+        const float *cs = ctx->rope_cs + (size_t)t * c->rope_dim;
+        kvp_rope_apply(row, c->n_head, c->head_dim, c->rope_dim, cs, 1.0f);
+        kvp_rope_apply(row + nq, c->n_kv_head, c->head_dim, c->rope_dim, cs, 1.0f);
+    }
+    kvp_kvcache_store(cache, l, pos0, n, ctx->qkv + nq, ld_qkv, ctx->qkv + nq + nkv, ld_qkv);
+    kvp_attention(ctx->att, nq, ctx->qkv, ld_qkv, kvp_kvcache_k(cache, l), kvp_kvcache_v(cache, l),
+                  n, pos0, c->n_head, c->n_kv_head, c->head_dim, cache->cap, ctx->scratch);
+    kvp_matmul(ctx->xn, ctx->att, L->wo, n, nq, E);
+    add_rows(ctx->x, ctx->xn, (size_t)n * E);
+
+    kvp_rmsnorm(ctx->xn, ctx->x, L->ffn_norm, n, E, c->norm_eps);
+    kvp_matmul(ctx->gu, ctx->xn, L->w_gate_up, n, E, 2 * c->n_ff);
+    kvp_swiglu(ctx->ffh, c->n_ff, ctx->gu, ctx->gu + c->n_ff, 2 * c->n_ff, n, c->n_ff);
+    kvp_matmul(ctx->xn, ctx->ffh, L->w_down, n, c->n_ff, E);
+    add_rows(ctx->x, ctx->xn, (size_t)n * E);
+}
+
+static void chunk_forward(kvp_model_ctx_t *ctx, kvp_kvcache_t *cache, const int32_t *tokens, int n,
+                          float *logits, kvp_logits_mode_t mode) {
+    const kvp_model_t *m = ctx->m;
+    const kvp_model_config_t *c = &m->cfg;
+    const int E = c->n_embd, pos0 = cache->len;
+    for (int t = 0; t < n; t++) {
+        memcpy(ctx->x + (size_t)t * E, m->tok_embd + (size_t)tokens[t] * E, sizeof(float) * E);
+        kvp_rope_table(ctx->rope_cs + (size_t)t * c->rope_dim, c->rope_dim, pos0 + t, m->inv_freq);
+    }
+    for (int l = 0; l < c->n_layer; l++)
+        block_forward(ctx, cache, l, n, pos0);
+    cache->len = pos0 + n;
+    if (mode == KVP_LOGITS_NONE) return;
+    /* Only the rows whose logits are wanted go through the output head: for a
+     * prefill that is one row instead of n. */
+    int first = mode == KVP_LOGITS_ALL ? 0 : n - 1;
+    int rows = n - first;
+    kvp_rmsnorm(ctx->xn, ctx->x + (size_t)first * E, m->output_norm, rows, E, c->norm_eps);
+    kvp_matmul(logits, ctx->xn, m->output, rows, E, c->n_vocab);
+}
+
+int kvp_model_forward(kvp_model_ctx_t *ctx, kvp_kvcache_t *cache, const int32_t *tokens, int n_tok,
+                      float *logits, kvp_logits_mode_t mode, kvp_err_t *err) {
+    const kvp_model_config_t *c = &ctx->m->cfg;
+    if (n_tok <= 0) return kvp_err_set(err, KVP_EINVAL, "forward: no tokens");
+    if (cache->n_layer != c->n_layer || cache->n_kv_head != c->n_kv_head ||
+        cache->head_dim != c->head_dim)
+        return kvp_err_set(err, KVP_ESHAPE,
+                           "forward: cache shape (%d layers, %d kv heads, head dim %d) does not "
+                           "match the model (%d, %d, %d)",
+                           cache->n_layer, cache->n_kv_head, cache->head_dim, c->n_layer,
+                           c->n_kv_head, c->head_dim);
+    if (cache->cap > ctx->max_ctx)
+        return kvp_err_set(err, KVP_EINVAL,
+                           "forward: cache capacity %d exceeds the context's max_ctx %d",
+                           cache->cap, ctx->max_ctx);
+    if (n_tok > cache->cap - cache->len)
+        return kvp_err_set(err, KVP_ERANGE,
+                           "forward: %d tokens after %d cached exceed the cache capacity %d", n_tok,
+                           cache->len, cache->cap);
+    for (int t = 0; t < n_tok; t++)
+        if (tokens[t] < 0 || tokens[t] >= c->n_vocab)
+            return kvp_err_set(err, KVP_ERANGE, "forward: token %d (id %d) outside vocab of %d", t,
+                               tokens[t], c->n_vocab);
+    for (int off = 0; off < n_tok; off += ctx->max_tok) {
+        int n = n_tok - off < ctx->max_tok ? n_tok - off : ctx->max_tok;
+        bool last = off + n == n_tok;
+        kvp_logits_mode_t md = mode == KVP_LOGITS_ALL ? mode : (last ? mode : KVP_LOGITS_NONE);
+        float *lg = mode == KVP_LOGITS_ALL ? logits + (size_t)off * c->n_vocab : logits;
+        chunk_forward(ctx, cache, tokens + off, n, lg, md);
+    }
+    return KVP_OK;
+}

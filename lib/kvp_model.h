@@ -1,0 +1,103 @@
+/* kvp_model: a Llama-family transformer — weights, loading from GGUF, saving
+ * to GGUF, and the forward pass over a chunk of tokens.
+ *
+ * All weights live in one float arena (`params`), in a fixed order, so the
+ * trainer can treat them as one vector. Q, K and V projections are stored
+ * fused as one [n_q + 2*n_kv][n_embd] matrix and gate/up as one
+ * [2*n_ff][n_embd] matrix: prefill then runs one large sgemm for each instead
+ * of three or two smaller ones. The separate views (wq, wk, wv, w_gate, w_up)
+ * point into them. */
+#ifndef KVP_MODEL_H
+#define KVP_MODEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kvp_err.h"
+#include "kvp_gguf.h"
+#include "kvp_kvcache.h"
+
+typedef struct kvp_model_config {
+    int n_vocab;
+    int n_embd;
+    int n_layer;
+    int n_head;
+    int n_kv_head;
+    int head_dim;
+    int n_ff;
+    int n_ctx_train;
+    int rope_dim;
+    float rope_base;
+    float norm_eps;
+    bool tied_output;
+} kvp_model_config_t;
+
+typedef struct kvp_layer {
+    float *attn_norm;     /* [n_embd] */
+    float *wqkv;          /* [n_q + 2*n_kv][n_embd] */
+    float *wq, *wk, *wv;  /* views into wqkv */
+    float *wo;            /* [n_embd][n_q] */
+    float *ffn_norm;      /* [n_embd] */
+    float *w_gate_up;     /* [2*n_ff][n_embd] */
+    float *w_gate, *w_up; /* views into w_gate_up */
+    float *w_down;        /* [n_embd][n_ff] */
+} kvp_layer_t;
+
+typedef struct kvp_model {
+    kvp_model_config_t cfg;
+    float *params; /* the arena */
+    size_t n_params;
+    float *tok_embd;    /* [n_vocab][n_embd] */
+    float *output_norm; /* [n_embd] */
+    float *output;      /* [n_vocab][n_embd]; == tok_embd when tied */
+    kvp_layer_t *layers;
+    float *inv_freq; /* [rope_dim / 2] */
+} kvp_model_t;
+
+/* Fills derived fields and checks a configuration. */
+int kvp_model_config_check(kvp_model_config_t *cfg, kvp_err_t *err);
+
+/* A model with the given shape: weights N(0, std) (std 0.02 if 0), norms 1. */
+int kvp_model_new_random(kvp_model_t **out, const kvp_model_config_t *cfg, uint64_t seed, float std,
+                         kvp_err_t *err);
+/* Loads architecture `llama` from an open GGUF file (any of F32, F16, BF16,
+ * Q8_0 tensors, converted to f32). Shapes are checked against the metadata. */
+int kvp_model_from_gguf(kvp_model_t **out, const kvp_gguf_t *g, kvp_err_t *err);
+int kvp_model_load(kvp_model_t **out, const char *path, kvp_err_t *err);
+void kvp_model_free(kvp_model_t **m);
+
+/* Adds the llama.* metadata and every tensor, stored as `type`, to w. The
+ * caller adds the vocabulary (kvp_tokenizer_write_bytelevel) and writes. */
+int kvp_model_to_gguf(const kvp_model_t *m, kvp_gguf_writer_t *w, kvp_ggml_type_t type,
+                      kvp_err_t *err);
+
+/* Matmul FLOPs of a forward pass over n_tok tokens after n_past cached ones
+ * (2 per multiply-add; attention counted causally; logits for one token). */
+double kvp_model_flops(const kvp_model_config_t *cfg, int n_past, int n_tok);
+
+/* A new KV cache of capacity cap for this model. */
+int kvp_model_new_cache(const kvp_model_t *m, int cap, kvp_kvcache_t **out, kvp_err_t *err);
+
+/* Run state: activation buffers for up to max_tok tokens at a time and
+ * caches of capacity up to max_ctx, allocated once. */
+typedef struct kvp_model_ctx kvp_model_ctx_t;
+
+int kvp_model_ctx_new(kvp_model_ctx_t **out, const kvp_model_t *m, int max_tok, int max_ctx,
+                      kvp_err_t *err);
+void kvp_model_ctx_free(kvp_model_ctx_t **ctx);
+const kvp_model_t *kvp_model_ctx_model(const kvp_model_ctx_t *ctx);
+
+typedef enum kvp_logits_mode {
+    KVP_LOGITS_NONE = 0, /* only fill the cache */
+    KVP_LOGITS_LAST = 1, /* logits [n_vocab] of the last token */
+    KVP_LOGITS_ALL = 2,  /* logits [n_tok][n_vocab] */
+} kvp_logits_mode_t;
+
+/* Runs n_tok tokens at positions cache->len .. cache->len+n_tok-1, appends
+ * their K/V to the cache (len grows by n_tok) and writes logits as asked.
+ * Longer inputs than max_tok are processed in chunks of max_tok. */
+int kvp_model_forward(kvp_model_ctx_t *ctx, kvp_kvcache_t *cache, const int32_t *tokens, int n_tok,
+                      float *logits, kvp_logits_mode_t mode, kvp_err_t *err);
+
+#endif

@@ -1,0 +1,156 @@
+#include "kvp_ops.h"
+
+#include <cblas.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+void kvp_matmul(float *y, const float *x, const float *w, int n_tok, int n_in, int n_out) {
+    if (n_tok == 1) {
+        cblas_sgemv(CblasRowMajor, CblasNoTrans, n_out, n_in, 1.0f, w, n_in, x, 1, 0.0f, y, 1);
+        return;
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n_tok, n_out, n_in, 1.0f, x, n_in, w, n_in,
+                0.0f, y, n_out);
+}
+
+void kvp_rmsnorm(float *y, const float *x, const float *w, int n_rows, int n, float eps) {
+    for (int r = 0; r < n_rows; r++) {
+        const float *xr = x + (size_t)r * n;
+        float *yr = y + (size_t)r * n;
+        float ss = 0.0f;
+        for (int i = 0; i < n; i++)
+            ss += xr[i] * xr[i];
+        float scale = 1.0f / sqrtf(ss / (float)n + eps);
+        for (int i = 0; i < n; i++)
+            yr[i] = xr[i] * scale * w[i];
+    }
+}
+
+/* Cephes' expf polynomial on a range-reduced argument; written without
+ * branches so that the compiler vectorises loops that call it (softmax over
+ * attention scores is the only exp-heavy loop of the engine). */
+float kvp_expf(float x) {
+    const float log2e = 1.44269504088896341f;
+    const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+    float n = floorf(xc * log2e + 0.5f);
+    float r = xc - n * ln2_hi - n * ln2_lo;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union {
+        uint32_t u;
+        float f;
+    } s;
+    s.u = (uint32_t)((int32_t)n + 127) << 23;
+    float res = p * s.f;
+    return x < -87.3f ? 0.0f : res;
+}
+
+void kvp_softmax(float *x, int n) {
+    float mx = -INFINITY;
+    for (int i = 0; i < n; i++)
+        mx = x[i] > mx ? x[i] : mx;
+    float sum = 0.0f;
+    for (int i = 0; i < n; i++) {
+        x[i] = kvp_expf(x[i] - mx);
+        sum += x[i];
+    }
+    float inv = 1.0f / sum;
+    for (int i = 0; i < n; i++)
+        x[i] *= inv;
+}
+
+void kvp_rope_inv_freq(float *inv_freq, int rope_dim, float base, const float *factors) {
+    for (int i = 0; i < rope_dim / 2; i++) {
+        double f = pow((double)base, -2.0 * i / (double)rope_dim);
+        if (factors) f /= factors[i];
+        inv_freq[i] = (float)f;
+    }
+}
+
+void kvp_rope_table(float *cs, int rope_dim, int pos, const float *inv_freq) {
+    const int half = rope_dim / 2;
+    for (int i = 0; i < half; i++) {
+        /* angle in double: positions reach tens of thousands and float loses
+         * the low bits of pos * freq there. */
+        double a = (double)pos * (double)inv_freq[i];
+        cs[i] = (float)cos(a);
+        cs[half + i] = (float)sin(a);
+    }
+}
+
+void kvp_rope_apply(float *x, int n_head, int head_dim, int rope_dim, const float *cs, float sign) {
+    const int half = rope_dim / 2;
+    for (int h = 0; h < n_head; h++) {
+        float *p = x + (size_t)h * head_dim;
+        for (int i = 0; i < half; i++) {
+            float c = cs[i], s = sign * cs[half + i];
+            float x0 = p[2 * i], x1 = p[2 * i + 1];
+            p[2 * i] = x0 * c - x1 * s;
+            p[2 * i + 1] = x0 * s + x1 * c;
+        }
+    }
+}
+
+void kvp_rope(float *x, int n_head, int head_dim, int rope_dim, int pos, const float *inv_freq,
+              float sign) {
+    float cs[1024]; /* rope_dim <= head_dim <= 1024, checked when models are made */
+    if (rope_dim > 1024) rope_dim = 1024;
+    kvp_rope_table(cs, rope_dim, pos, inv_freq);
+    kvp_rope_apply(x, n_head, head_dim, rope_dim, cs, sign);
+}
+
+void kvp_swiglu(float *out, int ld_out, const float *gate, const float *up, int ld_in, int n_rows,
+                int n) {
+    for (int r = 0; r < n_rows; r++) {
+        const float *g = gate + (size_t)r * ld_in;
+        const float *u = up + (size_t)r * ld_in;
+        float *o = out + (size_t)r * ld_out;
+        for (int i = 0; i < n; i++)
+            o[i] = g[i] / (1.0f + kvp_expf(-g[i])) * u[i];
+    }
+}
+
+/* Query rows are processed in tiles so that a tile only multiplies against
+ * the keys it can see: with the causal mask, tile [t0, t1) needs positions
+ * [0, pos0 + t1). This halves the attention FLOPs of a long prefill compared
+ * with one full square product. */
+enum { ATT_TILE = 128 };
+
+size_t kvp_attention_scratch(int n_tok, int n_ctx) {
+    int rows = n_tok < ATT_TILE ? n_tok : ATT_TILE;
+    return (size_t)rows * (size_t)n_ctx;
+}
+
+void kvp_attention(float *out, int ld_out, const float *q, int ld_q, const float *k, const float *v,
+                   int n_tok, int pos0, int n_head, int n_kv_head, int head_dim, int cap,
+                   float *scratch) {
+    const int group = n_head / n_kv_head;
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    for (int h = 0; h < n_head; h++) {
+        const float *kh = k + (size_t)(h / group) * cap * head_dim;
+        const float *vh = v + (size_t)(h / group) * cap * head_dim;
+        for (int t0 = 0; t0 < n_tok; t0 += ATT_TILE) {
+            int rows = n_tok - t0 < ATT_TILE ? n_tok - t0 : ATT_TILE;
+            int n_ctx = pos0 + t0 + rows;
+            const float *qt = q + (size_t)t0 * ld_q + (size_t)h * head_dim;
+            float *ot = out + (size_t)t0 * ld_out + (size_t)h * head_dim;
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, n_ctx, head_dim, scale, qt,
+                        ld_q, kh, head_dim, 0.0f, scratch, n_ctx);
+            for (int r = 0; r < rows; r++) {
+                float *s = scratch + (size_t)r * n_ctx;
+                int seen = pos0 + t0 + r + 1; /* causal: positions <= own */
+                kvp_softmax(s, seen);
+                memset(s + seen, 0, sizeof(float) * (size_t)(n_ctx - seen));
+            }
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, head_dim, n_ctx, 1.0f,
+                        scratch, n_ctx, vh, head_dim, 0.0f, ot, ld_out);
+        }
+    }
+}
