@@ -34,8 +34,7 @@ int main(int argc, char **argv) {
         return argc < 2 ? 2 : 0;
     }
     for (size_t i = 0; i < sizeof CMDS / sizeof CMDS[0]; i++)
-        if (!strcmp(argv[1], CMDS[i].name))
-            return CMDS[i].run(argc - 1, argv + 1);
+        if (!strcmp(argv[1], CMDS[i].name)) return CMDS[i].run(argc - 1, argv + 1);
     fprintf(stderr, "kvpred: unknown command '%s' (see kvpred --help)\n", argv[1]);
     return 2;
 }

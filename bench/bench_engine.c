@@ -1,0 +1,308 @@
+/* kvpred bench engine: OpenBLAS sgemm GFLOP/s on this machine, then the
+ * engine's prefill and decode speed on a ~110M-parameter Llama-shape model
+ * stored as F32, F16 and BF16 GGUF files, in one run so the ratios compare
+ * like with like. */
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include <cblas.h>
+
+#include "kvp_bench.h"
+#include "kvp_blas.h"
+#include "kvp_json.h"
+#include "kvp_model.h"
+#include "kvp_rng.h"
+#include "kvp_time.h"
+#include "kvp_tokenizer.h"
+
+typedef struct {
+    int prompt, decode, reps;
+    const char *types, *json, *dir;
+    kvp_model_config_t cfg;
+} opts_t;
+
+static void usage(FILE *f) {
+    fprintf(f, "usage: kvpred bench engine [--prompt N] [--decode N] [--reps R]\n"
+               "                           [--types f32,f16,bf16,q8_0] [--dir DIR] [--json FILE]\n"
+               "                           [--small]\n"
+               "  Measures sgemm GFLOP/s, then prefill of an N-token prompt (default 512) and\n"
+               "  decode of N tokens (default 64) on a random-weight 110M Llama-shape model\n"
+               "  (12 layers, d 768, 12 heads, ffn 2048, vocab 32000, tied output) written as\n"
+               "  GGUF files of each type in DIR (default /tmp/kvpred-bench). --small uses a\n"
+               "  tiny model (for a quick check).\n");
+}
+
+/* GFLOP/s of C[M][N] = A[M][K] B[N][K]^T, best of reps. */
+static double sgemm_gflops(int M, int N, int K, int reps) {
+    float *a = malloc(sizeof(float) * (size_t)M * K), *b = malloc(sizeof(float) * (size_t)N * K),
+          *c = malloc(sizeof(float) * (size_t)M * N);
+    kvp_rng_t r;
+    kvp_rng_seed(&r, 1);
+    for (size_t i = 0; i < (size_t)M * K; i++)
+        a[i] = kvp_rng_uniform(&r) - 0.5f;
+    for (size_t i = 0; i < (size_t)N * K; i++)
+        b[i] = kvp_rng_uniform(&r) - 0.5f;
+    double best = 1e30;
+    for (int i = 0; i < reps + 1; i++) {
+        double t0 = kvp_now();
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, a, K, b, K, 0.0f, c, N);
+        double dt = kvp_now() - t0;
+        if (i && dt < best) /* the first call warms up threads and caches */
+            best = dt;
+    }
+    free(a);
+    free(b);
+    free(c);
+    return 2.0 * M * N * K / best / 1e9;
+}
+
+static int parse_type(const char *s, kvp_ggml_type_t *t) {
+    if (!strcmp(s, "f32"))
+        *t = KVP_GGML_F32;
+    else if (!strcmp(s, "f16"))
+        *t = KVP_GGML_F16;
+    else if (!strcmp(s, "bf16"))
+        *t = KVP_GGML_BF16;
+    else if (!strcmp(s, "q8_0"))
+        *t = KVP_GGML_Q8_0;
+    else
+        return -1;
+    return 0;
+}
+
+static int write_model(const kvp_model_t *m, kvp_ggml_type_t type, const char *path,
+                       kvp_err_t *err) {
+    kvp_gguf_writer_t *w = kvp_gguf_writer_new();
+    if (!w) return kvp_err_set(err, KVP_ENOMEM, "out of memory");
+    int rc = kvp_model_to_gguf(m, w, type, err);
+    if (!rc) rc = kvp_gguf_writer_write(w, path, err);
+    kvp_gguf_writer_free(&w);
+    return rc;
+}
+
+typedef struct {
+    const char *type;
+    double load_s, prefill_s, prefill_tps, prefill_gflops, decode_tps;
+} result_t;
+
+static int run_one(const opts_t *o, const char *path, result_t *res, kvp_err_t *err) {
+    double t0 = kvp_now();
+    kvp_model_t *m = NULL;
+    kvp_model_ctx_t *ctx = NULL;
+    kvp_kvcache_t *cache = NULL;
+    int32_t *toks = malloc(sizeof(int32_t) * (size_t)(o->prompt + o->decode));
+    float *logits = NULL;
+    int rc = kvp_model_load(&m, path, err);
+    if (rc) goto done;
+    res->load_s = kvp_now() - t0;
+    int cap = o->prompt + o->decode;
+    if ((rc = kvp_model_ctx_new(&ctx, m, o->prompt, cap, err)) ||
+        (rc = kvp_model_new_cache(m, cap, &cache, err)))
+        goto done;
+    logits = malloc(sizeof(float) * (size_t)m->cfg.n_vocab);
+    kvp_rng_t r;
+    kvp_rng_seed(&r, 7);
+    for (int i = 0; i < cap; i++)
+        toks[i] = (int32_t)kvp_rng_below(&r, (uint64_t)m->cfg.n_vocab);
+    double best = 1e30;
+    for (int rep = 0; rep < o->reps + 1; rep++) {
+        cache->len = 0;
+        double t = kvp_now();
+        if ((rc = kvp_model_forward(ctx, cache, toks, o->prompt, logits, KVP_LOGITS_LAST, err)))
+            goto done;
+        double dt = kvp_now() - t;
+        if (rep && dt < best) best = dt;
+    }
+    res->prefill_s = best;
+    res->prefill_tps = o->prompt / best;
+    res->prefill_gflops = kvp_model_flops(&m->cfg, 0, o->prompt) / best / 1e9;
+    double t = kvp_now();
+    for (int i = 0; i < o->decode; i++)
+        if ((rc = kvp_model_forward(ctx, cache, toks + o->prompt + i, 1, logits, KVP_LOGITS_LAST,
+                                    err)))
+            goto done;
+    res->decode_tps = o->decode / (kvp_now() - t);
+done:
+    free(toks);
+    free(logits);
+    kvp_kvcache_free(&cache);
+    kvp_model_ctx_free(&ctx);
+    kvp_model_free(&m);
+    return rc;
+}
+
+static int parse_args(int argc, char **argv, opts_t *o) {
+    static const struct option lo[] = {{"prompt", required_argument, 0, 'p'},
+                                       {"decode", required_argument, 0, 'n'},
+                                       {"reps", required_argument, 0, 'r'},
+                                       {"types", required_argument, 0, 't'},
+                                       {"dir", required_argument, 0, 'd'},
+                                       {"json", required_argument, 0, 'j'},
+                                       {"small", no_argument, 0, 's'},
+                                       {"help", no_argument, 0, 'h'},
+                                       {0, 0, 0, 0}};
+    *o = (opts_t){.prompt = 512,
+                  .decode = 64,
+                  .reps = 3,
+                  .types = "f32,f16,bf16",
+                  .dir = "/tmp/kvpred-bench",
+                  .cfg = {.n_vocab = 32000,
+                          .n_embd = 768,
+                          .n_layer = 12,
+                          .n_head = 12,
+                          .n_kv_head = 12,
+                          .n_ff = 2048,
+                          .n_ctx_train = 4096,
+                          .tied_output = true}};
+    int c;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
+        switch (c) {
+        case 'p':
+            o->prompt = atoi(optarg);
+            break;
+        case 'n':
+            o->decode = atoi(optarg);
+            break;
+        case 'r':
+            o->reps = atoi(optarg);
+            break;
+        case 't':
+            o->types = optarg;
+            break;
+        case 'd':
+            o->dir = optarg;
+            break;
+        case 'j':
+            o->json = optarg;
+            break;
+        case 's':
+            o->cfg = (kvp_model_config_t){.n_vocab = 512,
+                                          .n_embd = 64,
+                                          .n_layer = 2,
+                                          .n_head = 4,
+                                          .n_kv_head = 2,
+                                          .n_ff = 128,
+                                          .n_ctx_train = 1024,
+                                          .tied_output = true};
+            break;
+        case 'h':
+            usage(stdout);
+            return 1;
+        default:
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (o->prompt < 1 || o->decode < 1 || o->reps < 1) {
+        fprintf(stderr, "kvpred bench engine: --prompt, --decode and --reps must be >= 1\n");
+        return 2;
+    }
+    return 0;
+}
+
+int kvp_bench_engine(int argc, char **argv) {
+    opts_t o;
+    int prc = parse_args(argc, argv, &o);
+    if (prc) return prc == 1 ? 0 : 2;
+    kvp_err_t err = {0};
+    mkdir(o.dir, 0755);
+
+    printf("OpenBLAS kernels: %s%s, %d threads\n", kvp_blas_corename(),
+           kvp_blas_was_switched() ? " (auto-selected by kvpred)" : "", kvp_blas_threads());
+    double ref = sgemm_gflops(512, 2048, 2048, 5);
+    double mix = sgemm_gflops(o.prompt, 3 * o.cfg.n_embd, o.cfg.n_embd, 5);
+    printf("sgemm 512x2048x2048: %.1f GFLOP/s   (%dx%dx%d, the QKV shape: %.1f GFLOP/s)\n", ref,
+           o.prompt, 3 * o.cfg.n_embd, o.cfg.n_embd, mix);
+
+    kvp_model_t *m = NULL;
+    printf("building a random model (%d layers, d %d, %d heads, ffn %d, vocab %d)...\n",
+           o.cfg.n_layer, o.cfg.n_embd, o.cfg.n_head, o.cfg.n_ff, o.cfg.n_vocab);
+    fflush(stdout);
+    if (kvp_model_new_random(&m, &o.cfg, 42, 0.02f, &err)) {
+        fprintf(stderr, "kvpred bench engine: %s\n", err.msg);
+        return 1;
+    }
+    double flops = kvp_model_flops(&m->cfg, 0, o.prompt);
+    size_t n_params = m->n_params;
+    printf("parameters: %.1fM; prefill of %d tokens: %.1f GFLOP\n\n", m->n_params / 1e6, o.prompt,
+           flops / 1e9);
+
+    result_t res[4];
+    int n_res = 0;
+    char types[64];
+    snprintf(types, sizeof types, "%s", o.types);
+    int rc = 0;
+    for (char *save = NULL, *tok = strtok_r(types, ",", &save); tok && n_res < 4;
+         tok = strtok_r(NULL, ",", &save)) {
+        kvp_ggml_type_t t;
+        if (parse_type(tok, &t)) {
+            fprintf(stderr, "kvpred bench engine: unknown type '%s' (f32, f16, bf16, q8_0)\n", tok);
+            rc = 2;
+            break;
+        }
+        char path[512];
+        snprintf(path, sizeof path, "%s/bench-110m-%s.gguf", o.dir, tok);
+        printf("writing %s ...\n", path);
+        fflush(stdout);
+        result_t *r = &res[n_res];
+        memset(r, 0, sizeof *r);
+        r->type = tok;
+        if (write_model(m, t, path, &err) || run_one(&o, path, r, &err)) {
+            fprintf(stderr, "kvpred bench engine: %s\n", err.msg);
+            rc = 1;
+            break;
+        }
+        n_res++;
+    }
+    kvp_model_free(&m);
+    if (rc) return rc;
+
+    printf("\n%-6s %8s %12s %12s %10s %12s\n", "type", "load s", "prefill ms", "prefill t/s",
+           "GFLOP/s", "decode t/s");
+    for (int i = 0; i < n_res; i++)
+        printf("%-6s %8.2f %12.1f %12.0f %10.1f %12.1f\n", res[i].type, res[i].load_s,
+               res[i].prefill_s * 1e3, res[i].prefill_tps, res[i].prefill_gflops,
+               res[i].decode_tps);
+    if (n_res)
+        printf("\nprefill reaches %.0f%% of the sgemm figure (%s weights)\n",
+               100.0 * res[0].prefill_gflops / ref, res[0].type);
+
+    if (o.json) {
+        FILE *f = fopen(o.json, "w");
+        if (!f) {
+            fprintf(stderr, "kvpred bench engine: cannot write %s\n", o.json);
+            return 1;
+        }
+        kvp_json_t j;
+        kvp_json_begin(&j, f);
+        kvp_json_str(&j, "bench", "engine");
+        kvp_json_str(&j, "blas_core", kvp_blas_corename());
+        kvp_json_int(&j, "blas_threads", kvp_blas_threads());
+        kvp_json_num(&j, "sgemm_gflops", ref);
+        kvp_json_num(&j, "sgemm_qkv_gflops", mix);
+        kvp_json_int(&j, "params", (long long)n_params);
+        kvp_json_int(&j, "prompt_tokens", o.prompt);
+        kvp_json_int(&j, "decode_tokens", o.decode);
+        kvp_json_num(&j, "prefill_gflop", flops / 1e9);
+        kvp_json_arr(&j, "results");
+        for (int i = 0; i < n_res; i++) {
+            kvp_json_item_obj(&j);
+            kvp_json_str(&j, "type", res[i].type);
+            kvp_json_num(&j, "load_s", res[i].load_s);
+            kvp_json_num(&j, "prefill_ms", res[i].prefill_s * 1e3);
+            kvp_json_num(&j, "prefill_tokens_per_s", res[i].prefill_tps);
+            kvp_json_num(&j, "prefill_gflops", res[i].prefill_gflops);
+            kvp_json_num(&j, "prefill_fraction_of_sgemm", res[i].prefill_gflops / ref);
+            kvp_json_num(&j, "decode_tokens_per_s", res[i].decode_tps);
+            kvp_json_close_obj(&j);
+        }
+        kvp_json_close_arr(&j);
+        kvp_json_end(&j);
+        fclose(f);
+    }
+    return 0;
+}
