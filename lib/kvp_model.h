@@ -76,6 +76,12 @@ int kvp_model_to_gguf(const kvp_model_t *m, kvp_gguf_writer_t *w, kvp_ggml_type_
  * (2 per multiply-add; attention counted causally; logits for one token). */
 double kvp_model_flops(const kvp_model_config_t *cfg, int n_past, int n_tok);
 
+/* A 64-bit content fingerprint of the model — its configuration and every
+ * weight as loaded (f32) — written as 16 hex digits into out[17]. Two files
+ * holding the same weights agree; any changed weight or shape changes it.
+ * Predictors and pipeline handshakes use it to refuse a mismatched pair. */
+void kvp_model_fingerprint(const kvp_model_t *m, char out[17]);
+
 /* A new KV cache of capacity cap for this model. */
 int kvp_model_new_cache(const kvp_model_t *m, int cap, kvp_kvcache_t **out, kvp_err_t *err);
 

@@ -444,6 +444,27 @@ static void test_flops_count_matches_hand_count(void **state) {
     assert_true(fabs(kvp_model_flops(&c, 0, 3) - want) < 1e-9);
 }
 
+static void test_fingerprint_tracks_weights_and_shape(void **state) {
+    (void)state;
+    kvp_model_t *a = make_model(small_cfg(), 21), *b = make_model(small_cfg(), 21);
+    char fa[17], fb[17];
+    kvp_model_fingerprint(a, fa);
+    kvp_model_fingerprint(b, fb);
+    assert_int_equal(strlen(fa), 16);
+    assert_string_equal(fa, fb);
+    b->layers[2].w_down[5] += 1e-6f;
+    kvp_model_fingerprint(b, fb);
+    assert_string_not_equal(fa, fb);
+    kvp_model_free(&b);
+    kvp_model_config_t cfg = small_cfg();
+    cfg.rope_base = 500000.0f;
+    b = make_model(cfg, 21);
+    kvp_model_fingerprint(b, fb);
+    assert_string_not_equal(fa, fb);
+    kvp_model_free(&a);
+    kvp_model_free(&b);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_forward_matches_plain_reference),
@@ -454,6 +475,7 @@ int main(void) {
         cmocka_unit_test(test_gguf_round_trip_every_type),
         cmocka_unit_test(test_load_refuses_bad_models),
         cmocka_unit_test(test_flops_count_matches_hand_count),
+        cmocka_unit_test(test_fingerprint_tracks_weights_and_shape),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
