@@ -4,5 +4,6 @@
 #define KVP_BENCH_H
 
 int kvp_bench_engine(int argc, char **argv);
+int kvp_bench_kvp(int argc, char **argv);
 
 #endif

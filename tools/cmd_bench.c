@@ -12,6 +12,7 @@ int kvp_cmd_bench(int argc, char **argv) {
         const char *what;
     } benches[] = {
         {"engine", kvp_bench_engine, "sgemm GFLOP/s, prefill and decode of a 110M model"},
+        {"kvp", kvp_bench_kvp, "TTFT of base prefill vs KV Prediction, time and FLOPs ratios"},
     };
     const size_t n = sizeof benches / sizeof benches[0];
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {

@@ -10,5 +10,6 @@ int kvp_cmd_tokenize(int argc, char **argv);
 int kvp_cmd_generate(int argc, char **argv);
 int kvp_cmd_make_model(int argc, char **argv);
 int kvp_cmd_bench(int argc, char **argv);
+int kvp_cmd_trace(int argc, char **argv);
 
 #endif

@@ -17,6 +17,7 @@ static const kvp_cmd_t CMDS[] = {
     {"tokenize", kvp_cmd_tokenize, "text to token ids (or back, with --decode)"},
     {"make-model", kvp_cmd_make_model, "write a random-weight Llama-family GGUF model"},
     {"bench", kvp_cmd_bench, "benchmarks: `kvpred bench engine`"},
+    {"trace", kvp_cmd_trace, "merge trace logs: TTFT breakdown per request, Chrome trace"},
 };
 
 static void usage(FILE *f) {
