@@ -846,9 +846,12 @@ static void analyze_one(group_t g, kvp_trace_req_t *q) {
     }
     double v;
     q->n_chunks = max_chunk + 1;
-    if (rec_num(find(g, KVP_EV_TOKENIZED, ANY_CHUNK, false), KVP_NUM_CHUNKS, &v) && v >= 1 &&
-        v <= TRACE_CHUNK_MAX)
+    bool no_chunks = false; /* aux-prefill said the prompt needs none */
+    if (rec_num(find(g, KVP_EV_TOKENIZED, ANY_CHUNK, false), KVP_NUM_CHUNKS, &v) && v >= 0 &&
+        v <= TRACE_CHUNK_MAX) {
         q->n_chunks = (int)v;
+        no_chunks = v == 0;
+    }
     const kvp_trace_rec_t *ft = find(g, KVP_EV_FIRST_TOKEN, ANY_CHUNK, false);
     if (rec_num(find(g, KVP_EV_DONE, ANY_CHUNK, true), KVP_NUM_TOKENS, &v) && v >= 0 && v < 1e9)
         q->n_tokens = (int)v;
@@ -863,6 +866,19 @@ static void analyze_one(group_t g, kvp_trace_req_t *q) {
     int last = q->n_chunks - 1;
     switch (q->mode) {
     case KVP_TRACE_MODE_KVP:
+        if (no_chunks) {
+            /* a one-token prompt: nothing to prefill or predict; the decoder's
+             * cache is complete (empty) when its reservation is made */
+            const kvp_trace_rec_t *cc = find(g, KVP_EV_CACHE_COMPLETE, ANY_CHUNK, false);
+            need(q, cc, KVP_EV_CACHE_COMPLETE, -1);
+            need(q, ft, KVP_EV_FIRST_TOKEN, -1);
+            if (!q->complete) break;
+            q->queueing_ns = t_of(cc) - t_of(acc);
+            q->prefill_ns = q->prediction_ns = q->transfer_ns = 0;
+            q->first_step_ns = t_of(ft) - t_of(cc);
+            break;
+        }
+        /* fall through */
     case KVP_TRACE_MODE_AUX_ONLY: {
         const kvp_trace_rec_t *s0 = find(g, KVP_EV_AUX_CHUNK_START, ANY_CHUNK, false);
         const kvp_trace_rec_t *e_last = find(g, KVP_EV_AUX_CHUNK_END, ANY_CHUNK, true);
