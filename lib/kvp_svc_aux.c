@@ -398,7 +398,8 @@ static void work_aux_only(aux_t *a, aux_req_t *r) {
         return fail(a, r, err.code, a->stage.name, err.msg);
     }
     int32_t tok = kvp_sampler_sample(r->sampler, r->logits);
-    mark(a, r, &r->ev, r->n_generated ? KVP_EV_TOKEN : KVP_EV_FIRST_TOKEN, r->n_generated);
+    if (r->n_generated == 0) mark(a, r, &r->ev, KVP_EV_FIRST_TOKEN, -1);
+    mark(a, r, &r->ev, KVP_EV_TOKEN, r->n_generated);
     send_token(a, r, tok);
     r->n_generated++;
     r->last = tok;

@@ -303,8 +303,11 @@ static void finish(dec_t *d, dec_req_t *r) {
  * the last. Returns 1 when the request was finished (and freed). */
 static int emit(dec_t *d, dec_req_t *r) {
     int32_t tok = kvp_sampler_sample(r->sampler, r->logits);
-    const char *ev = r->n_generated == 0 ? KVP_EV_FIRST_TOKEN : KVP_EV_TOKEN;
-    kvp_events_mark(&d->stage, &r->ev, r->id, ev, r->n_generated, r->offset_ns, r->offset_err_ns);
+    if (r->n_generated == 0)
+        kvp_events_mark(&d->stage, &r->ev, r->id, KVP_EV_FIRST_TOKEN, -1, r->offset_ns,
+                        r->offset_err_ns);
+    kvp_events_mark(&d->stage, &r->ev, r->id, KVP_EV_TOKEN, r->n_generated, r->offset_ns,
+                    r->offset_err_ns);
     send_token(d, r, tok);
     r->n_generated++;
     r->last = tok;

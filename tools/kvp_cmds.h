@@ -11,5 +11,7 @@ int kvp_cmd_generate(int argc, char **argv);
 int kvp_cmd_make_model(int argc, char **argv);
 int kvp_cmd_bench(int argc, char **argv);
 int kvp_cmd_trace(int argc, char **argv);
+int kvp_cmd_client(int argc, char **argv);
+int kvp_cmd_up(int argc, char **argv);
 
 #endif

@@ -18,6 +18,8 @@ static const kvp_cmd_t CMDS[] = {
     {"make-model", kvp_cmd_make_model, "write a random-weight Llama-family GGUF model"},
     {"bench", kvp_cmd_bench, "benchmarks: `kvpred bench engine`"},
     {"trace", kvp_cmd_trace, "merge trace logs: TTFT breakdown per request, Chrome trace"},
+    {"up", kvp_cmd_up, "start the pipeline's three stages as local processes"},
+    {"client", kvp_cmd_client, "send prompts to a running pipeline; --trace for TTFT parts"},
 };
 
 static void usage(FILE *f) {

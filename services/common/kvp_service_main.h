@@ -1,0 +1,42 @@
+/* What the three service programs share: the flags every stage takes, signal
+ * handling, and loading a model with its vocabulary. Each services/<stage>/
+ * main.c adds its own flags and calls its kvp_svc_*_run. */
+#ifndef KVP_SERVICE_MAIN_H
+#define KVP_SERVICE_MAIN_H
+
+#include <getopt.h>
+#include <stdatomic.h>
+
+#include "kvp_svc.h"
+
+typedef struct kvp_service_opts {
+    kvp_svc_common_t c;
+    const char *listen, *downstream;
+    kvp_link_curve_t curve_server, curve_client;
+    const char *curve_public, *curve_secret, *curve_server_key;
+} kvp_service_opts_t;
+
+/* The common long options, to append to a stage's own (codes 1000+). */
+#define KVP_SERVICE_LONGOPTS                                                                       \
+    {"listen", required_argument, 0, 1000}, {"downstream", required_argument, 0, 1001},            \
+        {"trace-log", required_argument, 0, 1002}, {"host", required_argument, 0, 1003},           \
+        {"dtype", required_argument, 0, 1004}, {"max-requests", required_argument, 0, 1005},       \
+        {"deadline-ms", required_argument, 0, 1006}, {"max-chunk", required_argument, 0, 1007},    \
+        {"ping-ms", required_argument, 0, 1008}, {"peer-timeout-ms", required_argument, 0, 1009},  \
+        {"bind-any", no_argument, 0, 1010}, {"curve-public", required_argument, 0, 1011},          \
+        {"curve-secret", required_argument, 0, 1012},                                              \
+        {"curve-server-key", required_argument, 0, 1013}, {                                        \
+        "verbose", no_argument, 0, 1014                                                            \
+    }
+
+extern const char KVP_SERVICE_COMMON_HELP[];
+
+void kvp_service_opts_init(kvp_service_opts_t *o, atomic_int *stop);
+/* Handles a common option: 1 = handled, 0 = not common, -1 = bad value (printed). */
+int kvp_service_opt(kvp_service_opts_t *o, int code, const char *arg, const char *prog);
+/* Loads CurveZMQ keys named by the options. */
+int kvp_service_curve(kvp_service_opts_t *o, const char *prog);
+/* SIGINT / SIGTERM set *stop. */
+void kvp_service_signals(atomic_int *stop);
+
+#endif

@@ -1,0 +1,80 @@
+/* kvpred-decoder: holds the base model; writes predicted K/V chunks into a
+ * reserved cache, then generates from it (lib/kvp_svc_dec.c tells the story). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "kvp_blas.h"
+#include "kvp_gguf.h"
+#include "kvp_service_main.h"
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage: kvpred-decoder --model BASE.gguf [options]\n"
+            "  --model FILE          the base model (GGUF, with its vocabulary)\n"
+            "  --credits N           chunks a producer may have in flight (default 4)\n"
+            "  --prefill-chunk N     baseline mode: tokens per prefill step (default 512)\n"
+            "  default: --listen %s\n%s",
+            KVP_SVC_DEC_ENDPOINT, KVP_SERVICE_COMMON_HELP);
+}
+
+int main(int argc, char **argv) {
+    kvp_blas_init(argv);
+    static atomic_int stop;
+    kvp_service_opts_t o;
+    kvp_service_opts_init(&o, &stop);
+    const char *model_path = NULL;
+    int credits = 4, prefill = 512;
+    static const struct option lo[] = {{"model", required_argument, 0, 'm'},
+                                       {"credits", required_argument, 0, 'c'},
+                                       {"prefill-chunk", required_argument, 0, 'P'},
+                                       {"help", no_argument, 0, 'h'},
+                                       KVP_SERVICE_LONGOPTS,
+                                       {0, 0, 0, 0}};
+    int c;
+    while ((c = getopt_long(argc, argv, "m:h", lo, NULL)) != -1) {
+        int r = kvp_service_opt(&o, c, optarg, argv[0]);
+        if (r < 0) return 2;
+        if (r) continue;
+        if (c == 'm')
+            model_path = optarg;
+        else if (c == 'c')
+            credits = atoi(optarg);
+        else if (c == 'P')
+            prefill = atoi(optarg);
+        else if (c == 'h') {
+            usage(stdout);
+            return 0;
+        } else {
+            usage(stderr);
+            return 2;
+        }
+    }
+    if (!model_path || credits < 1 || prefill < 1 || optind < argc || o.downstream) {
+        usage(stderr);
+        return 2;
+    }
+    if (kvp_service_curve(&o, "kvpred-decoder")) return 2;
+    kvp_err_t err = {0};
+    kvp_gguf_t *g = NULL;
+    kvp_model_t *m = NULL;
+    kvp_tokenizer_t *tok = NULL;
+    int rc = kvp_gguf_open(&g, model_path, &err);
+    if (!rc) rc = kvp_model_from_gguf(&m, g, &err);
+    if (!rc) rc = kvp_tokenizer_from_gguf(&tok, g, &err);
+    kvp_gguf_free(&g);
+    if (!rc) {
+        kvp_service_signals(&stop);
+        kvp_dec_cfg_t cfg = {.c = o.c,
+                             .listen = o.listen,
+                             .model = m,
+                             .tok = tok,
+                             .credits = credits,
+                             .prefill_chunk = prefill};
+        rc = kvp_svc_dec_run(&cfg, &err);
+    }
+    if (rc) fprintf(stderr, "kvpred-decoder: %s\n", err.msg);
+    kvp_tokenizer_free(&tok);
+    kvp_model_free(&m);
+    return rc ? 1 : 0;
+}
