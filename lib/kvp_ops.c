@@ -27,31 +27,6 @@ void kvp_rmsnorm(float *y, const float *x, const float *w, int n_rows, int n, fl
     }
 }
 
-/* Cephes' expf polynomial on a range-reduced argument; written without
- * branches so that the compiler vectorises loops that call it (softmax over
- * attention scores is the only exp-heavy loop of the engine). */
-float kvp_expf(float x) {
-    const float log2e = 1.44269504088896341f;
-    const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
-    float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
-    float n = floorf(xc * log2e + 0.5f);
-    float r = xc - n * ln2_hi - n * ln2_lo;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r * r + r + 1.0f;
-    union {
-        uint32_t u;
-        float f;
-    } s;
-    s.u = (uint32_t)((int32_t)n + 127) << 23;
-    float res = p * s.f;
-    return x < -87.3f ? 0.0f : res;
-}
-
 void kvp_softmax(float *x, int n) {
     float mx = -INFINITY;
     for (int i = 0; i < n; i++)

@@ -7,7 +7,9 @@
 #ifndef KVP_OPS_H
 #define KVP_OPS_H
 
+#include <math.h>
 #include <stddef.h>
+#include <stdint.h>
 
 /* y[n_tok][n_out] = x[n_tok][n_in] * w[n_out][n_in]^T (sgemm; sgemv for one token) */
 void kvp_matmul(float *y, const float *x, const float *w, int n_tok, int n_in, int n_out);
@@ -20,7 +22,31 @@ void kvp_softmax(float *x, int n);
 
 /* exp(x), vectorisable, relative error < 2e-7 for x in [-87, 88]; 0 below -87.3,
  * exp(88.3) above 88.3 (callers pass x - max, always <= 0). */
-float kvp_expf(float x);
+/* Cephes' expf polynomial on a range-reduced argument; written without
+ * branches so that the compiler vectorises loops that call it (softmax over
+ * attention scores is the only exp-heavy loop of the engine). */
+static inline float kvp_expf(float x) {
+    const float log2e = 1.44269504088896341f;
+    const float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+    float xc = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);
+    float n = floorf(xc * log2e + 0.5f);
+    float r = xc - n * ln2_hi - n * ln2_lo;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union {
+        uint32_t u;
+        float f;
+    } s;
+    s.u = (uint32_t)((int32_t)n + 127) << 23;
+    float res = p * s.f;
+    return x < -87.3f ? 0.0f : res;
+}
+
 
 /* Rotary position embedding in the "normal" (adjacent pairs) mode of the
  * llama architecture: for each of n_head heads of head_dim floats in x, the
