@@ -3,6 +3,7 @@
 #include <string.h>
 
 #include "kvp_bench.h"
+#include "kvp_bench_train.h"
 #include "kvp_cmds.h"
 
 int kvp_cmd_bench(int argc, char **argv) {
@@ -13,6 +14,7 @@ int kvp_cmd_bench(int argc, char **argv) {
     } benches[] = {
         {"engine", kvp_bench_engine, "sgemm GFLOP/s, prefill and decode of a 110M model"},
         {"kvp", kvp_bench_kvp, "TTFT of base prefill vs KV Prediction, time and FLOPs ratios"},
+        {"train", kvp_bench_train, "training step tokens/s and fraction of sgemm GFLOP/s"},
     };
     const size_t n = sizeof benches / sizeof benches[0];
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
