@@ -5,5 +5,6 @@
 
 int kvp_bench_engine(int argc, char **argv);
 int kvp_bench_kvp(int argc, char **argv);
+int kvp_bench_handoff(int argc, char **argv);
 
 #endif

@@ -14,6 +14,8 @@ int kvp_cmd_bench(int argc, char **argv) {
     } benches[] = {
         {"engine", kvp_bench_engine, "sgemm GFLOP/s, prefill and decode of a 110M model"},
         {"kvp", kvp_bench_kvp, "TTFT of base prefill vs KV Prediction, time and FLOPs ratios"},
+        {"handoff", kvp_bench_handoff,
+         "pipeline TTFT and exposed handoff vs in-process KV Prediction, KV wire vs raw libzmq"},
         {"train", kvp_bench_train, "training step tokens/s and fraction of sgemm GFLOP/s"},
     };
     const size_t n = sizeof benches / sizeof benches[0];
