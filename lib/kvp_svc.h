@@ -56,7 +56,19 @@ typedef struct kvp_aux_cfg {
     const kvp_model_t *model;
     const kvp_tokenizer_t *tok;
     int chunk_tokens; /* prompt tokens per chunk unless the request names it (128) */
+    int tail_tokens;  /* the prompt's end is cut into halving chunks down to this
+                         size (0: 16; -1: off); see kvp_svc_plan_chunks */
 } kvp_aux_cfg_t;
+
+/* Chunk boundaries for the n positions aux-prefill sends: chunks of `chunk`
+ * tokens, except that the last stretch of at most `chunk` tokens is cut into
+ * halving pieces down to at most `tail` tokens (tail <= 0: no cutting). What
+ * happens after the last auxiliary chunk — predicting, sending and writing
+ * it — is the exposed part of the hand-over, and while the predictor maps one
+ * piece the auxiliary model computes the next, half as long. starts gets
+ * n_chunks + 1 entries (starts[n_chunks] == n); it needs room for
+ * n / chunk + 34. Returns n_chunks. */
+int kvp_svc_plan_chunks(int n, int chunk, int tail, int *starts);
 
 typedef struct kvp_pred_cfg {
     kvp_svc_common_t c;

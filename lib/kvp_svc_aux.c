@@ -32,6 +32,7 @@ typedef struct aux_req {
     aux_state_t st;
     int32_t *toks;
     int n_prompt, chunk, n_chunks, next_chunk, credits;
+    int *starts; /* [n_chunks + 1] chunk boundaries (kvp_svc_plan_chunks) */
     Kvpred__GenParams params;
     kvp_kvcache_t *cache;
     double deadline, pending_since;
@@ -77,6 +78,7 @@ static void drop(aux_t *a, aux_req_t *r) {
         }
     if (a->turn == r) a->turn = r->next;
     free(r->toks);
+    free(r->starts);
     free(r->logits);
     kvp_kvcache_free(&r->cache);
     kvp_sampler_free(&r->sampler);
@@ -250,7 +252,10 @@ static void on_request(aux_t *a, const kvp_wire_id_t *from, const Kvpred__Reques
     if (q->mode > KVPRED__MODE__MODE_AUX_ONLY)
         return fail(a, r, KVP_EINVAL, a->stage.name, "unknown mode");
     if (tokenize(a, r, q, why, sizeof why)) return fail(a, r, KVP_EINVAL, a->stage.name, why);
-    r->n_chunks = (r->n_prompt - 1 + r->chunk - 1) / r->chunk;
+    r->starts = malloc(sizeof(int) * (size_t)(r->n_prompt / r->chunk + 36));
+    if (!r->starts) return fail(a, r, KVP_ENOMEM, a->stage.name, "out of memory");
+    r->n_chunks = kvp_svc_plan_chunks(r->n_prompt - 1, r->chunk,
+                                      a->cfg->tail_tokens ? a->cfg->tail_tokens : 16, r->starts);
     if (r->mode == KVPRED__MODE__MODE_AUX_ONLY) /* it prefills every prompt token */
         r->n_chunks = (r->n_prompt + r->chunk - 1) / r->chunk;
     kvp_events_mark_num(&a->stage, &r->ev, r->id, KVP_EV_TOKENIZED, -1, 0, 0, KVP_NUM_CHUNKS,
@@ -280,8 +285,7 @@ static void free_buf(void *data, void *hint) {
 /* Computes the next chunk of the auxiliary prefill and sends its K/V. */
 static void work_chunk(aux_t *a, aux_req_t *r) {
     const kvp_model_config_t *mc = &a->cfg->model->cfg;
-    int k = r->next_chunk, p0 = k * r->chunk, n_ctx = r->n_prompt - 1;
-    int n = n_ctx - p0 < r->chunk ? n_ctx - p0 : r->chunk;
+    int k = r->next_chunk, p0 = r->starts[k], n = r->starts[k + 1] - p0;
     kvp_events_t ev = {0};
     kvp_err_t err = {0};
     mark(a, r, &ev, KVP_EV_AUX_CHUNK_START, k);

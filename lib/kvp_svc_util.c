@@ -219,3 +219,22 @@ int kvp_copy_id(char *dst, size_t cap, const char *id) {
     memcpy(dst, id, strlen(id) + 1);
     return 1;
 }
+
+int kvp_svc_plan_chunks(int n, int chunk, int tail, int *starts) {
+    int k = 0, p = 0;
+    if (chunk < 1) chunk = 1;
+    while (n - p > chunk) {
+        starts[k++] = p;
+        p += chunk;
+    }
+    int r = n - p;
+    while (tail > 0 && r > tail) { /* halve toward the end */
+        int half = r / 2 > tail ? r / 2 : tail;
+        starts[k++] = p;
+        p += r - half;
+        r = half;
+    }
+    if (r > 0) starts[k++] = p;
+    starts[k] = n;
+    return k;
+}

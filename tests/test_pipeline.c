@@ -144,7 +144,7 @@ static pipe_t *pipe_start(fixture_t *f, const kvp_model_t *aux, const char *whic
     x->aux.downstream = x->ep[1];
     x->aux.model = aux;
     x->aux.tok = f->tok;
-    x->aux.chunk_tokens = 16;
+    x->aux.chunk_tokens = 24; /* with the default tail of 16: uneven chunks */
     common(x, &x->pred.c);
     x->pred.listen = x->ep[1];
     x->pred.downstream = x->ep[2];
@@ -252,8 +252,11 @@ static void test_pipeline_tokens_equal_in_process_generation(void **state) {
         assert_true(tr[0].sum_err_ns < 1000000);
         assert_true(tr[0].ttft_ns > 0);
         assert_int_equal((int)tr[0].mode, modes[i]);
-        if (modes[i] == 0 && lens[i] > 1)
-            assert_int_equal(tr[0].n_chunks, i == 4 ? (lens[i] - 1 + 6) / 7 : (lens[i] + 14) / 16);
+        if (modes[i] == 0 && lens[i] > 1) {
+            int st[64];
+            assert_int_equal(tr[0].n_chunks,
+                             kvp_svc_plan_chunks(lens[i] - 1, i == 4 ? 7 : 24, 16, st));
+        }
         free(tr);
         kvp_trace_set_free(&s);
         kvp_client_result_free(&res[i]);
@@ -357,8 +360,33 @@ static void test_busy_decoder_answers_at_once(void **state) {
     pipe_stop(x);
 }
 
+static void test_chunk_plan_halves_toward_the_end(void **state) {
+    (void)state;
+    int st[64];
+    int want1[] = {0, 128, 256, 278, 284, 300};
+    assert_int_equal(kvp_svc_plan_chunks(300, 128, 16, st), 5);
+    assert_memory_equal(st, want1, sizeof want1);
+    int want2[] = {0, 128, 256, 300};
+    assert_int_equal(kvp_svc_plan_chunks(300, 128, -1, st), 3);
+    assert_memory_equal(st, want2, sizeof want2);
+    assert_int_equal(kvp_svc_plan_chunks(0, 128, 16, st), 0);
+    assert_int_equal(st[0], 0);
+    assert_int_equal(kvp_svc_plan_chunks(5, 128, 16, st), 1);
+    /* every plan covers [0, n) with increasing boundaries and a last chunk <= tail */
+    for (int n = 1; n < 2000; n += 37) {
+        int k = kvp_svc_plan_chunks(n, 100, 16, st);
+        assert_true(k <= n / 100 + 34);
+        assert_int_equal(st[0], 0);
+        assert_int_equal(st[k], n);
+        for (int i = 0; i < k; i++)
+            assert_true(st[i + 1] > st[i] && st[i + 1] - st[i] <= 100);
+        assert_true(st[k] - st[k - 1] <= 16);
+    }
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_chunk_plan_halves_toward_the_end),
         cmocka_unit_test(test_pipeline_tokens_equal_in_process_generation),
         cmocka_unit_test(test_mismatched_auxiliary_model_refused_at_handshake),
         cmocka_unit_test(test_missing_decoder_is_a_named_error),

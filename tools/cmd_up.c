@@ -23,7 +23,7 @@
 
 typedef struct {
     const char *dir, *aux, *base, *predictor, *transport, *trace_dir, *dtype, *ready_file;
-    int port, chunk, identity, verbose, max_requests;
+    int port, chunk, identity, verbose, max_requests, threads;
     char ep[3][320];
 } up_opts_t;
 
@@ -43,6 +43,7 @@ static void usage(FILE *f) {
                "  --dtype f32|f16     K/V on the wire (default f32)\n"
                "  --chunk N           prompt tokens per chunk (default 128)\n"
                "  --max-requests N    requests in flight per stage (default 8)\n"
+               "  --threads N         OpenBLAS threads per stage (default: the stages' own)\n"
                "  --ready-file F      write aux-prefill's endpoint to F once the pipeline answers\n"
                "  --verbose           stages log every request\n");
 }
@@ -61,6 +62,7 @@ static int parse(int argc, char **argv, up_opts_t *o) {
                                        {"max-requests", required_argument, 0, 'm'},
                                        {"ready-file", required_argument, 0, 'r'},
                                        {"verbose", no_argument, 0, 'v'},
+                                       {"threads", required_argument, 0, 'n'},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
     memset(o, 0, sizeof *o);
@@ -110,6 +112,9 @@ static int parse(int argc, char **argv, up_opts_t *o) {
             break;
         case 'r':
             o->ready_file = optarg;
+            break;
+        case 'n':
+            bad = kvp_parse_int("--threads", optarg, 1, 1024, &o->threads);
             break;
         case 'v':
             o->verbose = 1;
@@ -211,7 +216,8 @@ int kvp_cmd_up(int argc, char **argv) {
             snprintf(o.ep[i], sizeof o.ep[i], "ipc:///tmp/kvpred-%d-%s.sock", (int)getuid(),
                      STAGES[i]);
     }
-    char traces[3][PATH_MAX], chunk[16], maxr[16];
+    char traces[3][PATH_MAX], chunk[16], maxr[16], threads[16];
+    snprintf(threads, sizeof threads, "%d", o.threads);
     snprintf(chunk, sizeof chunk, "%d", o.chunk);
     snprintf(maxr, sizeof maxr, "%d", o.max_requests);
     for (int i = 0; i < 3; i++)

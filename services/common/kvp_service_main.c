@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cblas.h>
+
 #include "kvpred.pb-c.h"
 
 const char KVP_SERVICE_COMMON_HELP[] =
@@ -21,7 +23,9 @@ const char KVP_SERVICE_COMMON_HELP[] =
     "  --bind-any            allow binding all interfaces (default: loopback only)\n"
     "  --curve-public F --curve-secret F   this stage's CurveZMQ keypair (bound side)\n"
     "  --curve-server-key F  the downstream stage's public key (encrypts that link)\n"
-    "  --verbose             log every request\n";
+    "  --verbose             log every request\n"
+    "  --threads N           OpenBLAS threads of this stage (default: one per core; stages\n"
+    "                        sharing a small machine run best with fewer)\n";
 
 static atomic_int *g_stop; /* the one global: signal handlers reach nothing else */
 
