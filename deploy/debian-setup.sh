@@ -12,6 +12,7 @@ PACKAGES=(
   libzmq3-dev libprotobuf-c-dev protobuf-c-compiler libmsgpack-dev  # the pipeline
   libcmocka-dev                    # tests
   libpython3.11-stdlib libpython3.11-minimal  # the default training corpus
+  gnuplot-nox                      # kvpred plot-loss
 )
 
 missing=()
