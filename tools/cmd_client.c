@@ -31,7 +31,7 @@ static void usage(FILE *f) {
             "usage: kvpred client [-e ENDPOINT] -p PROMPT [-p PROMPT ...] [options]\n"
             "  -e, --endpoint EP     aux-prefill's endpoint (default %s)\n"
             "  -p, --prompt TEXT     a prompt (repeatable)\n"
-            "  -f, --file FILE       prompts, one per line ('\\n' in a line is a newline)\n"
+            "  -f, --file FILE       prompts, one per line ('\\n' is a newline, '\\\\' a backslash)\n"
             "  -n, --n-predict N     tokens to generate (default 32)\n"
             "      --mode M          kvp (default), baseline or aux-only\n"
             "      --baseline        also run every prompt in baseline mode and print both TTFTs\n"
@@ -61,15 +61,16 @@ static int parse_mode(const char *s, int *mode) {
     return 0;
 }
 
-/* Splits the file into lines; "\n" inside a line stands for a newline. */
+/* Splits the file into lines; "\n" inside a line stands for a newline and
+ * "\\" for a backslash. */
 static int read_prompts(client_opts_t *o, const char *path) {
     if (kvp_read_text(path, &o->file_text, NULL)) return -1;
     for (char *save = NULL, *line = strtok_r(o->file_text, "\n", &save); line;
          line = strtok_r(NULL, "\n", &save)) {
         char *w = line;
         for (char *r = line; *r; r++) {
-            if (r[0] == '\\' && r[1] == 'n') {
-                *w++ = '\n';
+            if (r[0] == '\\' && (r[1] == 'n' || r[1] == '\\')) {
+                *w++ = r[1] == 'n' ? '\n' : '\\';
                 r++;
             } else {
                 *w++ = *r;

@@ -11,6 +11,10 @@ int kvp_cmd_generate(int argc, char **argv);
 int kvp_cmd_make_model(int argc, char **argv);
 int kvp_cmd_bench(int argc, char **argv);
 int kvp_cmd_trace(int argc, char **argv);
+int kvp_cmd_train(int argc, char **argv);
+int kvp_cmd_models(int argc, char **argv);
+int kvp_cmd_plot_loss(int argc, char **argv);
+int kvp_cmd_fit_predictor(int argc, char **argv);
 int kvp_cmd_client(int argc, char **argv);
 int kvp_cmd_up(int argc, char **argv);
 

@@ -18,6 +18,10 @@ static const kvp_cmd_t CMDS[] = {
     {"make-model", kvp_cmd_make_model, "write a random-weight Llama-family GGUF model"},
     {"bench", kvp_cmd_bench, "benchmarks: `kvpred bench engine`"},
     {"trace", kvp_cmd_trace, "merge trace logs: TTFT breakdown per request, Chrome trace"},
+    {"train", kvp_cmd_train, "train a model from scratch on a corpus of text files"},
+    {"models", kvp_cmd_models, "train (once) and cache the default base and auxiliary models"},
+    {"plot-loss", kvp_cmd_plot_loss, "draw training logs' loss curves to a PNG (gnuplot)"},
+    {"fit-predictor", kvp_cmd_fit_predictor, "fit a KV predictor by ridge regression"},
     {"up", kvp_cmd_up, "start the pipeline's three stages as local processes"},
     {"client", kvp_cmd_client, "send prompts to a running pipeline; --trace for TTFT parts"},
 };
