@@ -5,6 +5,7 @@
 
 #include <stdint.h>
 
+#include "kvp_bundle.h"
 #include "kvp_model.h"
 #include "kvp_tokenizer.h"
 
@@ -16,13 +17,15 @@ int kvp_parse_u64(const char *flag, const char *s, uint64_t *out);
 /* Reads a whole file ("-" = standard input) into a NUL-terminated buffer. */
 int kvp_read_text(const char *path, char **out, size_t *out_len);
 
-typedef struct kvp_loaded {
-    kvp_model_t *model;
-    kvp_tokenizer_t *tok;
-} kvp_loaded_t;
+/* The tools' name for a model with its vocabulary (lib/kvp_bundle.h). */
+typedef kvp_bundle_t kvp_loaded_t;
 
-/* Opens path once and builds both the model and its tokenizer. */
-int kvp_load_model_and_vocab(const char *path, kvp_loaded_t *out, kvp_err_t *err);
-void kvp_loaded_free(kvp_loaded_t *l);
+static inline int kvp_load_model_and_vocab(const char *path, kvp_loaded_t *out, kvp_err_t *err) {
+    return kvp_bundle_load(path, out, err);
+}
+
+static inline void kvp_loaded_free(kvp_loaded_t *l) {
+    kvp_bundle_free(l);
+}
 
 #endif

@@ -5,7 +5,7 @@
 #include <string.h>
 
 #include "kvp_blas.h"
-#include "kvp_gguf.h"
+#include "kvp_bundle.h"
 #include "kvp_service_main.h"
 
 static void usage(FILE *f) {
@@ -56,13 +56,10 @@ int main(int argc, char **argv) {
     }
     if (kvp_service_curve(&o, "kvpred-decoder")) return 2;
     kvp_err_t err = {0};
-    kvp_gguf_t *g = NULL;
-    kvp_model_t *m = NULL;
-    kvp_tokenizer_t *tok = NULL;
-    int rc = kvp_gguf_open(&g, model_path, &err);
-    if (!rc) rc = kvp_model_from_gguf(&m, g, &err);
-    if (!rc) rc = kvp_tokenizer_from_gguf(&tok, g, &err);
-    kvp_gguf_free(&g);
+    kvp_bundle_t b;
+    int rc = kvp_bundle_load(model_path, &b, &err);
+    const kvp_model_t *m = b.model;
+    const kvp_tokenizer_t *tok = b.tok;
     if (!rc) {
         kvp_service_signals(&stop);
         kvp_dec_cfg_t cfg = {.c = o.c,
@@ -74,7 +71,6 @@ int main(int argc, char **argv) {
         rc = kvp_svc_dec_run(&cfg, &err);
     }
     if (rc) fprintf(stderr, "kvpred-decoder: %s\n", err.msg);
-    kvp_tokenizer_free(&tok);
-    kvp_model_free(&m);
+    kvp_bundle_free(&b);
     return rc ? 1 : 0;
 }
