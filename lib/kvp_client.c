@@ -176,7 +176,8 @@ static void on_token(run_t *rn, size_t i, const Kvpred__Token *t, kvp_client_tok
     if (!nt || !tx) return;
     if (r->n_tokens == 0) add_event(rn->c, r, KVP_EV_CLIENT_FIRST_TOKEN);
     r->tokens[r->n_tokens++] = t->id;
-    memcpy(r->text + r->text_len, t->piece.data, t->piece.len);
+    if (t->piece.len) /* an empty piece (a control token) may have no data */
+        memcpy(r->text + r->text_len, t->piece.data, t->piece.len);
     r->text_len += t->piece.len;
     r->text[r->text_len] = 0;
     if (cb) cb(user, i, t->id, t->piece.data, t->piece.len);
