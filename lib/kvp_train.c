@@ -36,6 +36,7 @@ struct kvp_train_ctx {
     float zloss;
     const float **ext_k, **ext_v; /* [n_layer]: external un-rotated K and V, or NULL */
     const float **fwd_k, **fwd_v; /* [n_layer]: ext_k/ext_v as the last forward used them */
+    const float **add_k, **add_v; /* [n_layer]: extra d loss / d own K (un-rotated), V, or NULL */
     bool have_loss;               /* a forward with targets ran: backward may follow */
     bool have_probs;              /* d_logits holds the softmax of logits (until a backward) */
     int n_scored;
@@ -130,10 +131,12 @@ int kvp_train_ctx_new(kvp_train_ctx_t **out, const kvp_model_t *m, int B, int T,
     ctx->ext_v = calloc(L, sizeof *ctx->ext_v);
     ctx->fwd_k = calloc(L, sizeof *ctx->fwd_k);
     ctx->fwd_v = calloc(L, sizeof *ctx->fwd_v);
+    ctx->add_k = calloc(L, sizeof *ctx->add_k);
+    ctx->add_v = calloc(L, sizeof *ctx->add_v);
     ctx->tokens = malloc(sizeof(int32_t) * N);
     ctx->targets = malloc(sizeof(int32_t) * N);
-    if (!ctx->arena || !ctx->ext_k || !ctx->ext_v || !ctx->fwd_k || !ctx->fwd_v || !ctx->tokens ||
-        !ctx->targets) {
+    if (!ctx->arena || !ctx->ext_k || !ctx->ext_v || !ctx->fwd_k || !ctx->fwd_v || !ctx->add_k ||
+        !ctx->add_v || !ctx->tokens || !ctx->targets) {
         kvp_train_ctx_free(&ctx);
         return kvp_err_set(err, KVP_ENOMEM, "train context: cannot allocate %zu MiB",
                            (sizeof(float) * total) >> 20);
@@ -159,6 +162,8 @@ void kvp_train_ctx_free(kvp_train_ctx_t **ctx) {
     free(c->ext_v);
     free(c->fwd_k);
     free(c->fwd_v);
+    free(c->add_k);
+    free(c->add_v);
     free(c->tokens);
     free(c->targets);
     free(c);
@@ -178,23 +183,33 @@ void kvp_train_set_external_kv(kvp_train_ctx_t *ctx, int layer, const float *k_u
     ctx->ext_v[layer] = ext ? v : NULL;
 }
 
+void kvp_train_set_kv_grad(kvp_train_ctx_t *ctx, int layer, const float *dk_unrot,
+                           const float *dv) {
+    if (layer < 0 || layer >= ctx->m->cfg.n_layer) return;
+    bool on = dk_unrot && dv;
+    ctx->add_k[layer] = on ? dk_unrot : NULL;
+    ctx->add_v[layer] = on ? dv : NULL;
+}
+
 /* ---- operators and their backward passes ------------------------------- */
 
 /* y[n][n_out] = x[n][n_in] w[n_out][n_in]^T. Backward: dx = dy w (dx
- * overwritten) and dw += dy^T x, each one sgemm over all n rows; dy rows are
- * ld_dy floats apart (the Q part of the QKV gradient is a column block). */
+ * overwritten) and dw += dy^T x (skipped when dw is NULL: a frozen model),
+ * each one sgemm over all n rows; dy rows are ld_dy floats apart (the Q part
+ * of the QKV gradient is a column block). */
 static void matmul_backward(float *dx, float *dw, const float *dy, int ld_dy, const float *x,
                             const float *w, int n, int n_in, int n_out) {
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, n_in, n_out, 1.0f, dy, ld_dy, w, n_in,
                 0.0f, dx, n_in);
+    if (!dw) return;
     cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, n_out, n_in, n, 1.0f, dy, ld_dy, x, n_in,
                 1.0f, dw, n_in);
 }
 
 /* y = x * r * w with r = 1/sqrt(mean(x^2) + eps) per row (kvp_rmsnorm).
  * Backward: with g = dy * w, dx += r * (g - x r^2 mean(g x)) and
- * dw += sum over rows of dy * x * r. r is recomputed from x exactly as the
- * forward computed it. */
+ * dw += sum over rows of dy * x * r (dw NULL: skipped). r is recomputed
+ * from x exactly as the forward computed it. */
 static void rmsnorm_backward(float *dx, float *dw, const float *dy, const float *x, const float *w,
                              int n_rows, int n, float eps) {
     for (int r = 0; r < n_rows; r++) {
@@ -207,10 +222,11 @@ static void rmsnorm_backward(float *dx, float *dw, const float *dy, const float 
         }
         float rs = 1.0f / sqrtf(ss / (float)n + eps);
         float c = rs * rs * rs * dot / (float)n;
-        for (int i = 0; i < n; i++) {
+        for (int i = 0; i < n; i++)
             dxr[i] += rs * dyr[i] * w[i] - c * xr[i];
-            dw[i] += dyr[i] * xr[i] * rs;
-        }
+        if (dw)
+            for (int i = 0; i < n; i++)
+                dw[i] += dyr[i] * xr[i] * rs;
     }
 }
 
@@ -487,7 +503,7 @@ static void block_backward(kvp_train_ctx_t *ctx, int l, float *grads) {
     const int N = ctx->N, E = c->n_embd, F = c->n_ff, nq = c->n_head * c->head_dim,
               nkv = c->n_kv_head * c->head_dim, ld_qkv = nq + 2 * nkv;
     const size_t lN = (size_t)l * N;
-#define G(ptr) (grads + ((ptr)-m->params))
+#define G(ptr) (grads ? grads + ((ptr)-m->params) : NULL)
     float *d_res = ctx->d_res, *d_xn = ctx->d_xn;
 
     /* FFN, in reverse: down, SwiGLU, gate/up, RMSNorm (+= into the residual) */
@@ -519,9 +535,27 @@ static void block_backward(kvp_train_ctx_t *ctx, int l, float *grads) {
     attention_backward(ctx, l, v_src, dq, ld_qkv, dk, dv, ld_dkv);
     rope_rows(ctx, dq, ld_qkv, c->n_head, N, -1.0f);
     rope_rows(ctx, dk, ld_dkv, c->n_kv_head, N, -1.0f);
-    /* with external K/V only the Q rows of wqkv see a gradient */
+    /* a gradient from outside on the projections' own K/V (kvp_train_set_kv_grad)
+     * joins attention's; with external K/V it is their only one */
+    const float *xk = ctx->add_k[l], *xv = ctx->add_v[l];
+    if (xk)
+        for (int t = 0; t < N; t++) {
+            float *row = ctx->d_qkv + (size_t)t * ld_qkv + nq;
+            const float *gk = xk + (size_t)t * nkv, *gv = xv + (size_t)t * nkv;
+            if (ext) {
+                memcpy(row, gk, sizeof(float) * nkv);
+                memcpy(row + nkv, gv, sizeof(float) * nkv);
+            } else {
+                for (int j = 0; j < nkv; j++) {
+                    row[j] += gk[j];
+                    row[nkv + j] += gv[j];
+                }
+            }
+        }
+    /* with external K/V (and nothing from outside) only the Q rows of wqkv
+     * see a gradient */
     matmul_backward(d_xn, G(L->wqkv), ctx->d_qkv, ld_qkv, ctx->xn_att + lN * E, L->wqkv, N, E,
-                    ext ? nq : ld_qkv);
+                    ext && !xk ? nq : ld_qkv);
     rmsnorm_backward(d_res, G(L->attn_norm), d_xn, ctx->res + lN * E, L->attn_norm, N, E,
                      c->norm_eps);
 #undef G
@@ -538,13 +572,14 @@ int kvp_train_backward(kvp_train_ctx_t *ctx, float *grads, float scale, kvp_err_
     crossentropy_backward(ctx, scale);
     float *d_logits = ctx->d_logits;
     /* output head (for tied weights this lands on the embedding rows) */
-    matmul_backward(ctx->d_xn, grads + (m->output - m->params), d_logits, V, ctx->xn_out, m->output,
-                    N, E, V);
+    matmul_backward(ctx->d_xn, grads ? grads + (m->output - m->params) : NULL, d_logits, V,
+                    ctx->xn_out, m->output, N, E, V);
     memset(ctx->d_res, 0, sizeof(float) * N * E);
-    rmsnorm_backward(ctx->d_res, grads + (m->output_norm - m->params), ctx->d_xn,
+    rmsnorm_backward(ctx->d_res, grads ? grads + (m->output_norm - m->params) : NULL, ctx->d_xn,
                      ctx->res + (size_t)c->n_layer * N * E, m->output_norm, N, E, c->norm_eps);
     for (int l = c->n_layer - 1; l >= 0; l--)
         block_backward(ctx, l, grads);
+    if (!grads) return KVP_OK;
     float *g_embd = grads + (m->tok_embd - m->params);
     for (int i = 0; i < N; i++) {
         float *g = g_embd + (size_t)ctx->tokens[i] * E;

@@ -43,9 +43,21 @@ void kvp_train_set_external_kv(kvp_train_ctx_t *ctx, int layer, const float *k_u
 int kvp_train_forward(kvp_train_ctx_t *ctx, const int32_t *tokens, const int32_t *targets,
                       float *loss, kvp_err_t *err);
 
+/* Makes every backward add dk_unrot/dv (each [B*T][n_kv_head*head_dim], owned
+ * by the caller, read during backward) to the gradient with respect to layer
+ * l's own K projection output (un-rotated) and V projection output — as if
+ * the loss had the extra term sum(dk_unrot * K_true) + sum(dv * V_true). They
+ * are added as given, not multiplied by the backward's scale. For KV
+ * Prediction training: the gradient that reaches the auxiliary model's K/V
+ * through the predictor. With external K/V on the same layer they are the
+ * only gradient of its K/V rows. NULL removes. */
+void kvp_train_set_kv_grad(kvp_train_ctx_t *ctx, int layer, const float *dk_unrot, const float *dv);
+
 /* Backward of the last forward: grads[n_params] += d loss / d params, scaled by
  * `scale` (e.g. 1/accumulation steps). Layers with external K/V get their
- * gradients in kvp_train_kv_grad (overwritten, also scaled). */
+ * gradients in kvp_train_kv_grad (overwritten, also scaled). grads may be NULL
+ * for a frozen model: then only those K/V gradients are computed, and the
+ * weight-gradient products are skipped. */
 int kvp_train_backward(kvp_train_ctx_t *ctx, float *grads, float scale, kvp_err_t *err);
 
 /* After a forward: layer l's own K (un-rotated) and V, [B*T][n_kv_head*head_dim]

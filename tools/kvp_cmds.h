@@ -15,6 +15,7 @@ int kvp_cmd_train(int argc, char **argv);
 int kvp_cmd_models(int argc, char **argv);
 int kvp_cmd_plot_loss(int argc, char **argv);
 int kvp_cmd_fit_predictor(int argc, char **argv);
+int kvp_cmd_train_kvp(int argc, char **argv);
 int kvp_cmd_client(int argc, char **argv);
 int kvp_cmd_up(int argc, char **argv);
 

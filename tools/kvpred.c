@@ -22,6 +22,7 @@ static const kvp_cmd_t CMDS[] = {
     {"models", kvp_cmd_models, "train (once) and cache the default base and auxiliary models"},
     {"plot-loss", kvp_cmd_plot_loss, "draw training logs' loss curves to a PNG (gnuplot)"},
     {"fit-predictor", kvp_cmd_fit_predictor, "fit a KV predictor by ridge regression"},
+    {"train-kvp", kvp_cmd_train_kvp, "train the aux model and the predictor (KV Prediction)"},
     {"up", kvp_cmd_up, "start the pipeline's three stages as local processes"},
     {"client", kvp_cmd_client, "send prompts to a running pipeline; --trace for TTFT parts"},
 };

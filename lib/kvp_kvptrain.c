@@ -1,0 +1,1003 @@
+/* kvp_kvptrain: KV Prediction training — the joint forward/backward of one
+ * micro-batch, validation on the predicted cache, and the training loop (see
+ * kvp_kvptrain.h).
+ *
+ * The loop mirrors kvp_trainer.c step for step (sampling, accumulation,
+ * clipping, AdamW, schedule, checkpoints, CSV log, progress) with two
+ * parameter groups instead of one; the few static helpers it needs from there
+ * (token bytes, key=value metadata, the log's cut-back on resume) are copied
+ * below, marked as such, rather than exported from a module that is
+ * being worked on. */
+#include "kvp_kvptrain.h"
+
+#include <cblas.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "kvp_adamw.h"
+#include "kvp_ckpt.h"
+#include "kvp_progress.h"
+#include "kvp_rng.h"
+#include "kvp_time.h"
+#include "kvp_train.h"
+
+#define LN2 0.69314718055994530942
+#define META_MAX 8192
+#define CKPT_FORMAT "kvpred-kvptrain 1"
+#define CSV_HEADER                                                                                 \
+    "step,tokens,lr,loss,base_loss,aux_loss,kv_loss,grad_norm,val_base_bpb,val_aux_bpb,val_kv,"    \
+    "tok_per_s,elapsed_s"
+
+void kvp_kvptrain_weights_default(kvp_kvptrain_weights_t *w) {
+    *w = (kvp_kvptrain_weights_t){.base_w = 1.0f, .aux_w = 1.0f, .kv_w = 1.0f, .zloss = 1e-4f};
+}
+
+static int check_dim(const char *field, int in_pred, int in_model, const char *model,
+                     kvp_err_t *err) {
+    if (in_pred == in_model) return KVP_OK;
+    return kvp_err_set(err, KVP_ESHAPE,
+                       "predictor/model mismatch: %s is %d in the predictor but %d in the %s model",
+                       field, in_pred, in_model, model);
+}
+
+int kvp_kvptrain_check(const kvp_model_t *aux, const kvp_model_t *base, const kvp_predictor_t *p,
+                       kvp_err_t *err) {
+    if (aux->cfg.n_vocab != base->cfg.n_vocab)
+        return kvp_err_set(err, KVP_ESHAPE,
+                           "the auxiliary model's vocabulary has %d tokens but the base model's "
+                           "%d: KV Prediction needs one shared vocabulary",
+                           aux->cfg.n_vocab, base->cfg.n_vocab);
+    kvp_kv_shape_t a = kvp_kv_shape_of(aux), b = kvp_kv_shape_of(base);
+    int rc = check_dim("aux.n_layer", p->aux.n_layer, a.n_layer, "auxiliary", err);
+    if (!rc) rc = check_dim("aux.n_kv_head", p->aux.n_kv_head, a.n_kv_head, "auxiliary", err);
+    if (!rc) rc = check_dim("aux.head_dim", p->aux.head_dim, a.head_dim, "auxiliary", err);
+    if (!rc) rc = check_dim("base.n_layer", p->base.n_layer, b.n_layer, "base", err);
+    if (!rc) rc = check_dim("base.n_kv_head", p->base.n_kv_head, b.n_kv_head, "base", err);
+    if (!rc) rc = check_dim("base.head_dim", p->base.head_dim, b.head_dim, "base", err);
+    return rc;
+}
+
+void kvp_kvptrain_init_predictor(kvp_predictor_t *p, uint64_t seed) {
+    kvp_rng_t r;
+    kvp_rng_seed(&r, seed);
+    const float bound = 1.0f / sqrtf((float)p->d_in);
+    for (size_t i = 0; i < p->n_params; i++)
+        p->params[i] = (2.0f * kvp_rng_uniform(&r) - 1.0f) * bound;
+}
+
+/* ---- one micro-batch -------------------------------------------------------- */
+
+struct kvp_kvptrain_ctx {
+    const kvp_model_t *aux, *base;
+    const kvp_predictor_t *p;
+    kvp_kvptrain_weights_t w;
+    int B, T, N;
+    int d_in, d_out, n_aux, n_base;
+    kvp_train_ctx_t *atc, *btc;
+    bool have_fwd; /* a training forward ran: backward may follow */
+    /* [n_base][N][d_out]: predicted and true base K/V */
+    float *pk, *pv, *tk, *tv;
+    float *dy;        /* [N][d_out]: d loss / d one predicted map's output */
+    float *xgk, *xgv; /* [n_aux][N][d_in]: d loss / d aux K (un-rotated), V via the predictor */
+    float *arena;
+};
+
+int kvp_kvptrain_ctx_new(kvp_kvptrain_ctx_t **out, const kvp_model_t *aux, const kvp_model_t *base,
+                         const kvp_predictor_t *p, int B, int T, const kvp_kvptrain_weights_t *w,
+                         kvp_err_t *err) {
+    *out = NULL;
+    int rc = kvp_kvptrain_check(aux, base, p, err);
+    if (rc) return rc;
+    kvp_kvptrain_ctx_t *x = calloc(1, sizeof *x);
+    if (!x) return kvp_err_set(err, KVP_ENOMEM, "KV-prediction training: out of memory");
+    *x = (kvp_kvptrain_ctx_t){.aux = aux,
+                              .base = base,
+                              .p = p,
+                              .w = *w,
+                              .B = B,
+                              .T = T,
+                              .N = B * T,
+                              .d_in = p->d_in,
+                              .d_out = p->d_out,
+                              .n_aux = p->aux.n_layer,
+                              .n_base = p->base.n_layer};
+    rc = kvp_train_ctx_new(&x->atc, aux, B, T, err);
+    if (!rc) rc = kvp_train_ctx_new(&x->btc, base, B, T, err);
+    if (rc) {
+        kvp_kvptrain_ctx_free(&x);
+        return rc;
+    }
+    const size_t N = (size_t)x->N, nb = (size_t)x->n_base * N * x->d_out,
+                 na = (size_t)x->n_aux * N * x->d_in;
+    x->arena = malloc(sizeof(float) * (4 * nb + N * x->d_out + 2 * na));
+    if (!x->arena) {
+        kvp_kvptrain_ctx_free(&x);
+        return kvp_err_set(err, KVP_ENOMEM, "KV-prediction training: cannot allocate %zu MiB",
+                           sizeof(float) * (4 * nb + N * x->d_out + 2 * na) >> 20);
+    }
+    x->pk = x->arena;
+    x->pv = x->pk + nb;
+    x->tk = x->pv + nb;
+    x->tv = x->tk + nb;
+    x->dy = x->tv + nb;
+    x->xgk = x->dy + N * x->d_out;
+    x->xgv = x->xgk + na;
+    kvp_train_set_zloss(x->atc, w->zloss);
+    kvp_train_set_zloss(x->btc, w->zloss);
+    for (int a = 0; a < x->n_aux; a++)
+        kvp_train_set_kv_grad(x->atc, a, x->xgk + (size_t)a * N * x->d_in,
+                              x->xgv + (size_t)a * N * x->d_in);
+    *out = x;
+    return KVP_OK;
+}
+
+void kvp_kvptrain_ctx_free(kvp_kvptrain_ctx_t **ctx) {
+    if (!ctx || !*ctx) return;
+    kvp_train_ctx_free(&(*ctx)->atc);
+    kvp_train_ctx_free(&(*ctx)->btc);
+    free((*ctx)->arena);
+    free(*ctx);
+    *ctx = NULL;
+}
+
+static float *layer_rows(float *buf, const kvp_kvptrain_ctx_t *x, int l) {
+    return buf + (size_t)l * x->N * x->d_out;
+}
+
+/* The base reads the predicted K/V on every layer (on) or its own (off). */
+static void base_reads_predicted(kvp_kvptrain_ctx_t *x, bool on) {
+    for (int l = 0; l < x->n_base; l++)
+        kvp_train_set_external_kv(x->btc, l, on ? layer_rows(x->pk, x, l) : NULL,
+                                  on ? layer_rows(x->pv, x, l) : NULL);
+}
+
+/* Every base layer's K/V predicted from the aux forward that just ran. */
+static void predict(kvp_kvptrain_ctx_t *x) {
+    for (int l = 0; l < x->n_base; l++) {
+        int a = x->p->layer_map[l];
+        kvp_predictor_apply_layer(x->p, l, x->N, kvp_train_true_k(x->atc, a),
+                                  kvp_train_true_v(x->atc, a), layer_rows(x->pk, x, l),
+                                  layer_rows(x->pv, x, l));
+    }
+}
+
+/* Sum of |a - b| over the first n values. */
+static double abs_diff_sum(const float *a, const float *b, size_t n) {
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++)
+        s += fabs((double)a[i] - (double)b[i]);
+    return s;
+}
+
+int kvp_kvptrain_forward(kvp_kvptrain_ctx_t *x, const int32_t *tokens, const int32_t *targets,
+                         kvp_kvptrain_loss_t *loss, kvp_err_t *err) {
+    x->have_fwd = false;
+    if (!targets)
+        return kvp_err_set(err, KVP_EINVAL, "KV-prediction training forward needs targets");
+    const size_t n = (size_t)x->N * x->d_out;
+    float la = 0.0f, lb = 0.0f;
+    int rc = kvp_train_forward(x->atc, tokens, targets, &la, err);
+    if (rc) return rc;
+    predict(x);
+    /* the consistency target: the base on its own K/V, no loss */
+    base_reads_predicted(x, false);
+    rc = kvp_train_forward(x->btc, tokens, NULL, NULL, err);
+    if (rc) return rc;
+    double kv = 0.0;
+    for (int l = 0; l < x->n_base; l++) {
+        memcpy(layer_rows(x->tk, x, l), kvp_train_true_k(x->btc, l), sizeof(float) * n);
+        memcpy(layer_rows(x->tv, x, l), kvp_train_true_v(x->btc, l), sizeof(float) * n);
+        kv += abs_diff_sum(layer_rows(x->pk, x, l), layer_rows(x->tk, x, l), n) / (double)n;
+        kv += abs_diff_sum(layer_rows(x->pv, x, l), layer_rows(x->tv, x, l), n) / (double)n;
+    }
+    base_reads_predicted(x, true);
+    rc = kvp_train_forward(x->btc, tokens, targets, &lb, err);
+    if (rc) return rc;
+    loss->base = lb;
+    loss->aux = la;
+    loss->kv = kv;
+    loss->total = x->w.base_w * loss->base + x->w.aux_w * loss->aux + x->w.kv_w * loss->kv;
+    x->have_fwd = true;
+    return KVP_OK;
+}
+
+/* Backward of one predictor map y = x W^T + b over N rows, given dy:
+ * dW += dy^T x, db += column sums of dy, dx += dy W. */
+static void map_backward(const float *dy, const float *xin, const float *W, float *dW, float *db,
+                         float *dx, int N, int d_in, int d_out) {
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, d_out, d_in, N, 1.0f, dy, d_out, xin, d_in,
+                1.0f, dW, d_in);
+    for (int r = 0; r < N; r++) {
+        const float *row = dy + (size_t)r * d_out;
+        for (int o = 0; o < d_out; o++)
+            db[o] += row[o];
+    }
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, d_in, d_out, 1.0f, dy, d_out, W, d_in,
+                1.0f, dx, d_in);
+}
+
+int kvp_kvptrain_backward(kvp_kvptrain_ctx_t *x, float *g_aux, float *g_pred, float scale,
+                          kvp_err_t *err) {
+    if (!x->have_fwd)
+        return kvp_err_set(err, KVP_EINVAL,
+                           "KV-prediction backward: no forward with targets to differentiate");
+    const kvp_predictor_t *p = x->p;
+    const int N = x->N, d_in = x->d_in, d_out = x->d_out;
+    const size_t n = (size_t)N * d_out;
+    /* the frozen base: only d loss / d predicted K/V */
+    int rc = kvp_train_backward(x->btc, NULL, scale * x->w.base_w, err);
+    if (rc) return rc;
+    memset(x->xgk, 0, sizeof(float) * (size_t)x->n_aux * N * d_in);
+    memset(x->xgv, 0, sizeof(float) * (size_t)x->n_aux * N * d_in);
+    /* d (kv_w * mean |pred - true|) / d pred = kv_w sign(pred - true) / n */
+    const float c = scale * x->w.kv_w / (float)n;
+    for (int l = 0; l < x->n_base; l++) {
+        const int a = p->layer_map[l];
+        const kvp_predictor_layer_t *L = &p->layers[l];
+        for (int kv = 0; kv < 2; kv++) {
+            const float *gb = kv ? kvp_train_kv_grad_v(x->btc, l) : kvp_train_kv_grad_k(x->btc, l);
+            const float *pr = layer_rows(kv ? x->pv : x->pk, x, l);
+            const float *tr = layer_rows(kv ? x->tv : x->tk, x, l);
+            for (size_t i = 0; i < n; i++)
+                x->dy[i] = gb[i] + (pr[i] > tr[i] ? c : (pr[i] < tr[i] ? -c : 0.0f));
+            const float *W = kv ? L->v_w : L->k_w, *b = kv ? L->v_b : L->k_b;
+            const float *xin = kv ? kvp_train_true_v(x->atc, a) : kvp_train_true_k(x->atc, a);
+            float *dx = (kv ? x->xgv : x->xgk) + (size_t)a * N * d_in;
+            map_backward(x->dy, xin, W, g_pred + (W - p->params), g_pred + (b - p->params), dx, N,
+                         d_in, d_out);
+        }
+    }
+    /* the aux: its own loss, plus xgk/xgv on its K/V (set in ctx_new) */
+    return kvp_train_backward(x->atc, g_aux, scale * x->w.aux_w, err);
+}
+
+const float *kvp_kvptrain_pred_k(const kvp_kvptrain_ctx_t *x, int l) {
+    return layer_rows(x->pk, x, l);
+}
+const float *kvp_kvptrain_pred_v(const kvp_kvptrain_ctx_t *x, int l) {
+    return layer_rows(x->pv, x, l);
+}
+const float *kvp_kvptrain_true_k(const kvp_kvptrain_ctx_t *x, int l) {
+    return layer_rows(x->tk, x, l);
+}
+const float *kvp_kvptrain_true_v(const kvp_kvptrain_ctx_t *x, int l) {
+    return layer_rows(x->tv, x, l);
+}
+
+/* ---- validation ------------------------------------------------------------- */
+
+/* Copied from kvp_trainer.c (static there): text bytes each token id stands
+ * for (control tokens: 0). */
+static uint32_t *token_bytes_new(const kvp_tokenizer_t *tok, int n_vocab) {
+    uint32_t *tb = calloc((size_t)n_vocab, sizeof *tb);
+    if (!tb) return NULL;
+    for (int i = 0; i < n_vocab; i++) {
+        if (!tok) {
+            tb[i] = i < 256 ? 1 : 0;
+        } else if (i < kvp_tokenizer_n_vocab(tok) && !kvp_tokenizer_is_control(tok, i)) {
+            int n = kvp_tokenizer_piece(tok, i, NULL, 0);
+            tb[i] = n > 0 ? (uint32_t)n : 0;
+        }
+    }
+    return tb;
+}
+
+/* One batch of evaluation windows (the first n_real rows are real windows):
+ * adds the nats of the scored tokens of the three models to nats[3] and the
+ * absolute K/V differences of the real rows, every layer, to *abs_sum. */
+static int eval_batch(kvp_kvptrain_ctx_t *x, const int32_t *tok, const int32_t *tgt,
+                      uint64_t scored, int n_real, double nats[3], double *abs_sum,
+                      kvp_err_t *err) {
+    float la = 0, lb = 0, lo = 0;
+    int rc = kvp_train_forward(x->atc, tok, tgt, &la, err);
+    if (rc) return rc;
+    predict(x);
+    base_reads_predicted(x, true);
+    rc = kvp_train_forward(x->btc, tok, tgt, &lb, err);
+    base_reads_predicted(x, false);
+    if (!rc) rc = kvp_train_forward(x->btc, tok, tgt, &lo, err);
+    if (rc) return rc;
+    nats[0] += (double)lb * (double)scored;
+    nats[1] += (double)la * (double)scored;
+    nats[2] += (double)lo * (double)scored;
+    const size_t n = (size_t)n_real * x->T * x->d_out;
+    for (int l = 0; l < x->n_base; l++) {
+        *abs_sum += abs_diff_sum(layer_rows(x->pk, x, l), kvp_train_true_k(x->btc, l), n);
+        *abs_sum += abs_diff_sum(layer_rows(x->pv, x, l), kvp_train_true_v(x->btc, l), n);
+    }
+    return KVP_OK;
+}
+
+static void eval_set(kvp_eval_t *e, double nats, uint64_t tokens, uint64_t bytes) {
+    e->tokens = tokens;
+    e->bytes = bytes;
+    e->loss = tokens ? nats / (double)tokens : NAN;
+    e->bpb = bytes ? nats / LN2 / (double)bytes : NAN;
+}
+
+/* The windows of kvp_trainer_evaluate: about max_tokens tokens of s in evenly
+ * spaced windows of T, B a forward; cross-entropy without z-loss. */
+static int evaluate(kvp_kvptrain_ctx_t *x, const kvp_corpus_stream_t *s, const uint32_t *tb,
+                    uint64_t max_tokens, int32_t *tokens, int32_t *targets,
+                    kvp_kvptrain_eval_t *out, kvp_err_t *err) {
+    const int B = x->B, T = x->T, V = x->base->cfg.n_vocab;
+    memset(out, 0, sizeof *out);
+    size_t n_win = kvp_corpus_n_windows(s, T);
+    if (n_win == 0)
+        return kvp_err_set(err, KVP_EINVAL, "evaluation: the validation split is empty");
+    size_t k = n_win;
+    if (max_tokens > 0 && (max_tokens + (uint64_t)T - 1) / (uint64_t)T < k)
+        k = (size_t)((max_tokens + (uint64_t)T - 1) / (uint64_t)T);
+    const int32_t pad = s->tok[0];
+    double nats[3] = {0, 0, 0}, abs_sum = 0.0;
+    uint64_t n_tok = 0, n_bytes = 0, n_rows = 0;
+    kvp_train_set_zloss(x->atc, 0.0f);
+    kvp_train_set_zloss(x->btc, 0.0f);
+    int rc = KVP_OK;
+    for (size_t j0 = 0; !rc && j0 < k; j0 += (size_t)B) {
+        uint64_t scored = 0;
+        int n_real = 0;
+        for (int b = 0; b < B && !rc; b++) {
+            int32_t *tk = tokens + (size_t)b * T, *tg = targets + (size_t)b * T;
+            size_t j = j0 + (size_t)b;
+            if (j < k) {
+                size_t w = (size_t)((unsigned __int128)j * n_win / k);
+                kvp_corpus_window(s, w, T, pad, tk, tg);
+                n_real++;
+            } else {
+                for (int t = 0; t < T; t++)
+                    tk[t] = pad, tg[t] = -1;
+            }
+            for (int t = 0; t < T; t++)
+                if (tg[t] >= 0) {
+                    if (tg[t] >= V) {
+                        rc = kvp_err_set(err, KVP_ERANGE,
+                                         "evaluation: token %d is outside the models' "
+                                         "vocabulary of %d",
+                                         (int)tg[t], V);
+                        break;
+                    }
+                    scored++;
+                    n_bytes += tb[tg[t]];
+                }
+        }
+        if (rc || !scored) continue;
+        rc = eval_batch(x, tokens, targets, scored, n_real, nats, &abs_sum, err);
+        n_tok += scored;
+        n_rows += (uint64_t)n_real * T;
+    }
+    kvp_train_set_zloss(x->atc, x->w.zloss);
+    kvp_train_set_zloss(x->btc, x->w.zloss);
+    if (rc) return rc;
+    eval_set(&out->base_pred, nats[0], n_tok, n_bytes);
+    eval_set(&out->aux, nats[1], n_tok, n_bytes);
+    eval_set(&out->base_own, nats[2], n_tok, n_bytes);
+    out->kv = n_rows ? abs_sum / ((double)n_rows * x->d_out) : NAN;
+    return KVP_OK;
+}
+
+int kvp_kvptrain_evaluate(const kvp_model_t *aux, const kvp_model_t *base, const kvp_predictor_t *p,
+                          const kvp_corpus_stream_t *s, const kvp_tokenizer_t *tok, int B, int T,
+                          uint64_t max_tokens, kvp_kvptrain_eval_t *out, kvp_err_t *err) {
+    if (B <= 0 || T <= 0)
+        return kvp_err_set(err, KVP_EINVAL, "evaluation: batch %d and context %d must be > 0", B,
+                           T);
+    kvp_kvptrain_weights_t w;
+    kvp_kvptrain_weights_default(&w);
+    kvp_kvptrain_ctx_t *x = NULL;
+    int rc = kvp_kvptrain_ctx_new(&x, aux, base, p, B, T, &w, err);
+    uint32_t *tb = rc ? NULL : token_bytes_new(tok, base->cfg.n_vocab);
+    int32_t *tokens = malloc(sizeof(int32_t) * (size_t)B * T);
+    int32_t *targets = malloc(sizeof(int32_t) * (size_t)B * T);
+    if (!rc && (!tb || !tokens || !targets))
+        rc = kvp_err_set(err, KVP_ENOMEM, "evaluation: out of memory");
+    if (!rc) rc = evaluate(x, s, tb, max_tokens, tokens, targets, out, err);
+    free(tb);
+    free(tokens);
+    free(targets);
+    kvp_kvptrain_ctx_free(&x);
+    return rc;
+}
+
+/* ---- checkpoint metadata -------------------------------------------------------
+ * Copied from kvp_trainer.c (static there): a text section of key=value
+ * lines; floats with enough digits to read back exactly. */
+
+typedef struct meta {
+    char buf[META_MAX];
+    size_t n;
+} meta_t;
+
+static void meta_add(meta_t *m, const char *key, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static void meta_add(meta_t *m, const char *key, const char *fmt, ...) {
+    if (m->n >= sizeof m->buf) return;
+    int k = snprintf(m->buf + m->n, sizeof m->buf - m->n, "%s=", key);
+    if (k > 0) m->n += (size_t)k;
+    if (m->n >= sizeof m->buf) return;
+    va_list ap;
+    va_start(ap, fmt);
+    k = vsnprintf(m->buf + m->n, sizeof m->buf - m->n, fmt, ap);
+    va_end(ap);
+    if (k > 0) m->n += (size_t)k;
+    if (m->n < sizeof m->buf - 1) m->buf[m->n++] = '\n';
+    if (m->n >= sizeof m->buf) m->n = sizeof m->buf - 1;
+    m->buf[m->n] = 0;
+}
+
+static bool meta_get(const char *text, size_t n, const char *key, char *val, size_t cap) {
+    size_t kl = strlen(key);
+    const char *p = text, *end = text + n;
+    while (p < end) {
+        const char *nl = memchr(p, '\n', (size_t)(end - p));
+        const char *le = nl ? nl : end;
+        if ((size_t)(le - p) > kl && !memcmp(p, key, kl) && p[kl] == '=') {
+            size_t vl = (size_t)(le - p) - kl - 1;
+            if (vl >= cap) vl = cap - 1;
+            memcpy(val, p + kl + 1, vl);
+            val[vl] = 0;
+            return true;
+        }
+        p = le + 1;
+    }
+    return false;
+}
+
+static double meta_double(const char *text, size_t n, const char *key) {
+    char v[64];
+    return meta_get(text, n, key, v, sizeof v) ? strtod(v, NULL) : NAN;
+}
+
+/* FNV-1a-64 of bytes, continuing from h. */
+static uint64_t fnv(uint64_t h, const void *data, size_t n) {
+    const unsigned char *p = data;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ p[i]) * 1099511628211ull;
+    return h;
+}
+
+/* ---- the run -------------------------------------------------------------------- */
+
+typedef struct run {
+    kvp_model_t *aux;
+    const kvp_model_t *base;
+    kvp_predictor_t *p;
+    const kvp_corpus_t *c;
+    const kvp_trainer_config_t *cfg;
+    const kvp_kvptrain_weights_t *w;
+    int warmup;
+    char aux_start[17], base_fp[17]; /* fingerprints of the starting aux and of the base */
+    uint64_t pred_start;             /* hash of the starting predictor (map and weights) */
+    kvp_adamw_t *opt_a, *opt_p;
+    kvp_rng_t rng;
+    int step;
+    uint64_t tokens;
+    double elapsed_before, t0;
+    kvp_kvptrain_loss_t loss;
+    bool have_before, have_val;
+    kvp_kvptrain_eval_t before, val;
+    kvp_progress_t *prog;
+} run_t;
+
+/* The settings a resumed run must share with its checkpoint. */
+static void meta_settings(meta_t *mt, const run_t *r) {
+    const kvp_trainer_config_t *cfg = r->cfg;
+    const kvp_model_config_t *mc = &r->aux->cfg;
+    const kvp_predictor_t *p = r->p;
+    meta_add(mt, "aux_n_params", "%zu", r->aux->n_params);
+    meta_add(mt, "aux_model",
+             "vocab %d embd %d layers %d heads %d kv_heads %d head_dim %d ffn %d rope_dim %d "
+             "rope_base %.9g norm_eps %.9g tied %d",
+             mc->n_vocab, mc->n_embd, mc->n_layer, mc->n_head, mc->n_kv_head, mc->head_dim,
+             mc->n_ff, mc->rope_dim, mc->rope_base, mc->norm_eps, (int)mc->tied_output);
+    meta_add(mt, "aux_start", "%s", r->aux_start);
+    meta_add(mt, "base", "%s", r->base_fp);
+    meta_add(mt, "predictor", "aux %dx%dx%d base %dx%dx%d start %016" PRIx64, p->aux.n_layer,
+             p->aux.n_kv_head, p->aux.head_dim, p->base.n_layer, p->base.n_kv_head,
+             p->base.head_dim, r->pred_start);
+    meta_add(mt, "batch", "%d", cfg->batch);
+    meta_add(mt, "ctx", "%d", cfg->ctx);
+    meta_add(mt, "accum", "%d", cfg->accum);
+    meta_add(mt, "steps", "%d", cfg->steps);
+    meta_add(mt, "warmup", "%d", r->warmup);
+    meta_add(mt, "lr", "%.9g", cfg->lr);
+    meta_add(mt, "min_lr", "%.9g", cfg->min_lr);
+    meta_add(mt, "beta1", "%.9g", cfg->adamw.beta1);
+    meta_add(mt, "beta2", "%.9g", cfg->adamw.beta2);
+    meta_add(mt, "eps", "%.9g", cfg->adamw.eps);
+    meta_add(mt, "weight_decay", "%.9g", cfg->adamw.weight_decay);
+    meta_add(mt, "clip", "%.9g", cfg->clip);
+    meta_add(mt, "seed", "%" PRIu64, cfg->seed);
+    meta_add(mt, "weights", "base %.9g aux %.9g kv %.9g zloss %.9g", r->w->base_w, r->w->aux_w,
+             r->w->kv_w, r->w->zloss);
+    meta_add(mt, "corpus", "%016" PRIx64 " (%zu files)", kvp_corpus_fingerprint(r->c),
+             kvp_corpus_n_files(r->c));
+}
+
+static void meta_eval(meta_t *mt, const char *prefix, const kvp_kvptrain_eval_t *e) {
+    char k[64];
+    const struct {
+        const char *name;
+        const kvp_eval_t *e;
+    } parts[] = {{"base_pred", &e->base_pred}, {"aux", &e->aux}, {"base_own", &e->base_own}};
+    for (size_t i = 0; i < 3; i++) {
+        snprintf(k, sizeof k, "%s_%s_loss", prefix, parts[i].name);
+        meta_add(mt, k, "%.17g", parts[i].e->loss);
+        snprintf(k, sizeof k, "%s_%s_bpb", prefix, parts[i].name);
+        meta_add(mt, k, "%.17g", parts[i].e->bpb);
+        snprintf(k, sizeof k, "%s_%s_tokens", prefix, parts[i].name);
+        meta_add(mt, k, "%" PRIu64, parts[i].e->tokens);
+    }
+    snprintf(k, sizeof k, "%s_kv", prefix);
+    meta_add(mt, k, "%.17g", e->kv);
+}
+
+static void meta_get_eval(const char *text, size_t n, const char *prefix, kvp_kvptrain_eval_t *e) {
+    char k[64], v[64];
+    kvp_eval_t *parts[] = {&e->base_pred, &e->aux, &e->base_own};
+    const char *names[] = {"base_pred", "aux", "base_own"};
+    for (size_t i = 0; i < 3; i++) {
+        snprintf(k, sizeof k, "%s_%s_loss", prefix, names[i]);
+        parts[i]->loss = meta_double(text, n, k);
+        snprintf(k, sizeof k, "%s_%s_bpb", prefix, names[i]);
+        parts[i]->bpb = meta_double(text, n, k);
+        snprintf(k, sizeof k, "%s_%s_tokens", prefix, names[i]);
+        parts[i]->tokens = meta_get(text, n, k, v, sizeof v) ? strtoull(v, NULL, 10) : 0;
+    }
+    snprintf(k, sizeof k, "%s_kv", prefix);
+    e->kv = meta_double(text, n, k);
+}
+
+static int save_ckpt(run_t *r, kvp_err_t *err) {
+    meta_t mt = {.n = 0};
+    meta_add(&mt, "format", CKPT_FORMAT);
+    meta_add(&mt, "step", "%d", r->step);
+    meta_add(&mt, "tokens", "%" PRIu64, r->tokens);
+    meta_add(&mt, "elapsed", "%.17g", r->elapsed_before + (kvp_now() - r->t0));
+    meta_add(&mt, "adam_t", "%" PRId64, r->opt_a->t);
+    meta_add(&mt, "loss", "%.17g", r->loss.total);
+    meta_add(&mt, "loss_base", "%.17g", r->loss.base);
+    meta_add(&mt, "loss_aux", "%.17g", r->loss.aux);
+    meta_add(&mt, "loss_kv", "%.17g", r->loss.kv);
+    meta_add(&mt, "have_before", "%d", (int)r->have_before);
+    if (r->have_before) meta_eval(&mt, "before", &r->before);
+    meta_add(&mt, "have_val", "%d", (int)r->have_val);
+    if (r->have_val) meta_eval(&mt, "val", &r->val);
+    meta_settings(&mt, r);
+    const uint64_t na = (uint64_t)r->aux->n_params * sizeof(float),
+                   np = (uint64_t)r->p->n_params * sizeof(float);
+    kvp_ckpt_section_t s[] = {
+        {"meta", mt.buf, mt.n},
+        {"rng", r->rng.s, sizeof r->rng.s},
+        {"aux.params", r->aux->params, na},
+        {"pred.params", r->p->params, np},
+        {"aux.adam.m", r->opt_a->m, na},
+        {"aux.adam.v", r->opt_a->v, na},
+        {"pred.adam.m", r->opt_p->m, np},
+        {"pred.adam.v", r->opt_p->v, np},
+    };
+    return kvp_ckpt_write(r->cfg->ckpt_path, s, sizeof s / sizeof s[0], err);
+}
+
+static int load_ckpt(run_t *r, kvp_err_t *err) {
+    const char *path = r->cfg->ckpt_path;
+    kvp_ckpt_t *ck = NULL;
+    int rc = kvp_ckpt_read(&ck, path, err);
+    if (rc) return rc;
+    uint64_t ml = 0;
+    const char *text = kvp_ckpt_find(ck, "meta", &ml);
+    char val[512], want_val[512];
+    if (!text || !meta_get(text, (size_t)ml, "format", val, sizeof val) ||
+        strcmp(val, CKPT_FORMAT)) {
+        kvp_ckpt_free(&ck);
+        return kvp_err_set(err, KVP_EFORMAT,
+                           "checkpoint %s: not a kvpred KV-prediction training checkpoint", path);
+    }
+    meta_t want = {.n = 0};
+    meta_settings(&want, r);
+    for (char *line = want.buf; *line;) {
+        char *nl = strchr(line, '\n');
+        *nl = 0;
+        char *eq = strchr(line, '=');
+        *eq = 0;
+        snprintf(want_val, sizeof want_val, "%s", eq + 1);
+        if (!meta_get(text, (size_t)ml, line, val, sizeof val)) snprintf(val, sizeof val, "?");
+        if (strcmp(val, want_val)) {
+            rc = kvp_err_set(err, KVP_ESHAPE,
+                             "checkpoint %s was written with %s=%s, this run has %s=%s: resume "
+                             "with the same models, settings and corpus, or start afresh",
+                             path, line, val, line, want_val);
+            kvp_ckpt_free(&ck);
+            return rc;
+        }
+        line = nl + 1;
+    }
+    char v[4][64];
+    if (!meta_get(text, (size_t)ml, "step", v[0], sizeof v[0]) ||
+        !meta_get(text, (size_t)ml, "tokens", v[1], sizeof v[1]) ||
+        !meta_get(text, (size_t)ml, "elapsed", v[2], sizeof v[2]) ||
+        !meta_get(text, (size_t)ml, "adam_t", v[3], sizeof v[3])) {
+        kvp_ckpt_free(&ck);
+        return kvp_err_set(err, KVP_EFORMAT, "checkpoint %s: metadata incomplete", path);
+    }
+    r->step = atoi(v[0]);
+    r->tokens = strtoull(v[1], NULL, 10);
+    r->elapsed_before = strtod(v[2], NULL);
+    r->opt_a->t = r->opt_p->t = strtoll(v[3], NULL, 10);
+    r->loss.total = meta_double(text, (size_t)ml, "loss");
+    r->loss.base = meta_double(text, (size_t)ml, "loss_base");
+    r->loss.aux = meta_double(text, (size_t)ml, "loss_aux");
+    r->loss.kv = meta_double(text, (size_t)ml, "loss_kv");
+    r->have_before = meta_get(text, (size_t)ml, "have_before", val, sizeof val) && atoi(val);
+    if (r->have_before) meta_get_eval(text, (size_t)ml, "before", &r->before);
+    r->have_val = meta_get(text, (size_t)ml, "have_val", val, sizeof val) && atoi(val);
+    if (r->have_val) meta_get_eval(text, (size_t)ml, "val", &r->val);
+    if (r->step < 0 || r->step > r->cfg->steps) {
+        kvp_ckpt_free(&ck);
+        return kvp_err_set(err, KVP_EFORMAT, "checkpoint %s: step %d outside [0, %d]", path,
+                           r->step, r->cfg->steps);
+    }
+    const uint64_t na = (uint64_t)r->aux->n_params * sizeof(float),
+                   np = (uint64_t)r->p->n_params * sizeof(float);
+    rc = kvp_ckpt_get(ck, "rng", r->rng.s, sizeof r->rng.s, err);
+    if (!rc) rc = kvp_ckpt_get(ck, "aux.params", r->aux->params, na, err);
+    if (!rc) rc = kvp_ckpt_get(ck, "pred.params", r->p->params, np, err);
+    if (!rc) rc = kvp_ckpt_get(ck, "aux.adam.m", r->opt_a->m, na, err);
+    if (!rc) rc = kvp_ckpt_get(ck, "aux.adam.v", r->opt_a->v, na, err);
+    if (!rc) rc = kvp_ckpt_get(ck, "pred.adam.m", r->opt_p->m, np, err);
+    if (!rc) rc = kvp_ckpt_get(ck, "pred.adam.v", r->opt_p->v, np, err);
+    kvp_ckpt_free(&ck);
+    return rc;
+}
+
+/* Copied from kvp_trainer.c (static there): opens the log for appending; a
+ * fresh run starts it anew, a resumed one keeps the rows up to the
+ * checkpoint's step (a killed run may have logged steps its checkpoint does
+ * not hold). */
+static FILE *log_open(const char *path, bool resumed, int step, kvp_err_t *err) {
+    if (resumed) {
+        FILE *in = fopen(path, "rb");
+        if (in) {
+            char *keep = NULL;
+            size_t kn = 0;
+            FILE *mem = open_memstream(&keep, &kn);
+            char line[1024];
+            bool header = true;
+            while (mem && fgets(line, sizeof line, in)) {
+                if (header || atoi(line) <= step) fputs(line, mem);
+                header = false;
+            }
+            fclose(in);
+            if (mem) fclose(mem);
+            FILE *out = fopen(path, "wb");
+            if (out && keep) fwrite(keep, 1, kn, out);
+            free(keep);
+            if (!out) kvp_err_set(err, KVP_EIO, "log %s: %s", path, strerror(errno));
+            return out;
+        }
+    }
+    FILE *f = fopen(path, "wb");
+    if (!f) {
+        kvp_err_set(err, KVP_EIO, "log %s: %s", path, strerror(errno));
+        return NULL;
+    }
+    fprintf(f, "%s\n", CSV_HEADER);
+    return f;
+}
+
+static void log_val(FILE *log, const kvp_kvptrain_eval_t *e) {
+    fprintf(log, "%.6f,%.6f,%.6f", e->base_pred.bpb, e->aux.bpb, e->kv);
+}
+
+static int check_config(const run_t *r, kvp_err_t *err) {
+    const kvp_trainer_config_t *cfg = r->cfg;
+    if (cfg->batch <= 0 || cfg->ctx <= 1 || cfg->accum <= 0 || cfg->steps <= 0)
+        return kvp_err_set(err, KVP_EINVAL,
+                           "KV-prediction training: batch %d, context %d, accumulation %d and "
+                           "steps %d must be positive (context at least 2)",
+                           cfg->batch, cfg->ctx, cfg->accum, cfg->steps);
+    if (!(cfg->lr > 0) || !(cfg->min_lr >= 0) || cfg->min_lr > cfg->lr)
+        return kvp_err_set(err, KVP_EINVAL,
+                           "KV-prediction training: learning rates must satisfy 0 <= min_lr <= "
+                           "lr, lr > 0 (lr %g, min_lr %g)",
+                           cfg->lr, cfg->min_lr);
+    if (!(r->w->base_w >= 0) || !(r->w->aux_w >= 0) || !(r->w->kv_w >= 0) || !(r->w->zloss >= 0))
+        return kvp_err_set(err, KVP_EINVAL,
+                           "KV-prediction training: loss weights must be >= 0 (base %g, aux %g, "
+                           "kv %g, z %g)",
+                           r->w->base_w, r->w->aux_w, r->w->kv_w, r->w->zloss);
+    if ((cfg->resume || cfg->ckpt_every > 0) && !cfg->ckpt_path)
+        return kvp_err_set(err, KVP_EINVAL,
+                           "KV-prediction training: checkpoints asked for without a path");
+    int rc = kvp_kvptrain_check(r->aux, r->base, r->p, err);
+    if (rc) return rc;
+    const kvp_corpus_stream_t *tr = kvp_corpus_stream(r->c, KVP_SPLIT_TRAIN);
+    if (tr->n <= (size_t)cfg->ctx)
+        return kvp_err_set(err, KVP_EINVAL,
+                           "KV-prediction training: the train split has %zu tokens, fewer than "
+                           "one window of %d+1",
+                           tr->n, cfg->ctx);
+    for (size_t i = 0; i < tr->n; i++)
+        if (tr->tok[i] < 0 || tr->tok[i] >= r->aux->cfg.n_vocab)
+            return kvp_err_set(err, KVP_ERANGE,
+                               "KV-prediction training: token %d in the train stream is outside "
+                               "the models' vocabulary of %d",
+                               (int)tr->tok[i], r->aux->cfg.n_vocab);
+    return KVP_OK;
+}
+
+/* Weight decay off for the aux model's norm weights (as kvp_trainer) and the
+ * predictor's biases. */
+static void set_decay_masks(run_t *r) {
+    const kvp_model_t *m = r->aux;
+    const size_t E = (size_t)m->cfg.n_embd;
+    kvp_adamw_set_decay(r->opt_a, (size_t)(m->output_norm - m->params), E, false);
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        kvp_adamw_set_decay(r->opt_a, (size_t)(m->layers[l].attn_norm - m->params), E, false);
+        kvp_adamw_set_decay(r->opt_a, (size_t)(m->layers[l].ffn_norm - m->params), E, false);
+    }
+    const kvp_predictor_t *p = r->p;
+    for (int l = 0; l < p->base.n_layer; l++) {
+        kvp_adamw_set_decay(r->opt_p, (size_t)(p->layers[l].k_b - p->params), (size_t)p->d_out,
+                            false);
+        kvp_adamw_set_decay(r->opt_p, (size_t)(p->layers[l].v_b - p->params), (size_t)p->d_out,
+                            false);
+    }
+}
+
+/* Scales both gradients so that their joint norm is at most max_norm (<= 0:
+ * none); returns the joint norm before. */
+static double clip_joint(float *ga, size_t na, float *gp, size_t np, float max_norm) {
+    double a = kvp_grad_norm(ga, na), b = kvp_grad_norm(gp, np);
+    double norm = sqrt(a * a + b * b);
+    if (max_norm > 0.0f && norm > (double)max_norm) {
+        float s = (float)((double)max_norm / norm);
+        for (size_t i = 0; i < na; i++)
+            ga[i] *= s;
+        for (size_t i = 0; i < np; i++)
+            gp[i] *= s;
+    }
+    return norm;
+}
+
+int kvp_kvptrain_run(kvp_model_t *aux, const kvp_model_t *base, kvp_predictor_t *p,
+                     const kvp_corpus_t *c, const kvp_trainer_config_t *cfg,
+                     const kvp_kvptrain_weights_t *w, kvp_kvptrain_result_t *res, kvp_err_t *err) {
+    memset(res, 0, sizeof *res);
+    const kvp_kvptrain_loss_t no_loss = {NAN, NAN, NAN, NAN};
+    res->loss = no_loss;
+    run_t r = {.aux = aux, .base = base, .p = p, .c = c, .cfg = cfg, .w = w, .loss = no_loss};
+    int rc = check_config(&r, err);
+    if (rc) return rc;
+    const int B = cfg->batch, T = cfg->ctx;
+    const size_t BT = (size_t)B * T, na = aux->n_params, np = p->n_params;
+    const kvp_corpus_stream_t *train = kvp_corpus_stream(c, KVP_SPLIT_TRAIN);
+    const kvp_corpus_stream_t *val = kvp_corpus_stream(c, KVP_SPLIT_VAL);
+    const bool can_eval = val->n >= 2;
+    const double train_tok_per_byte = train->bytes ? (double)train->n / (double)train->bytes : 1.0;
+    r.warmup = cfg->warmup >= 0 ? cfg->warmup : cfg->steps / 20;
+    kvp_rng_seed(&r.rng, cfg->seed);
+    kvp_model_fingerprint(aux, r.aux_start);
+    kvp_model_fingerprint(base, r.base_fp);
+    r.pred_start =
+        fnv(fnv(14695981039346656037ull, p->layer_map, sizeof(int32_t) * (size_t)p->base.n_layer),
+            p->params, sizeof(float) * np);
+
+    kvp_kvptrain_ctx_t *x = NULL;
+    float *ga = calloc(na, sizeof *ga), *gp = calloc(np, sizeof *gp);
+    int32_t *tokens = malloc(BT * sizeof *tokens), *targets = malloc(BT * sizeof *targets);
+    uint32_t *tb = token_bytes_new(cfg->tok, aux->cfg.n_vocab);
+    FILE *log = NULL;
+    if (!ga || !gp || !tokens || !targets || !tb)
+        rc = kvp_err_set(err, KVP_ENOMEM, "KV-prediction training: out of memory");
+    if (!rc) rc = kvp_adamw_new(&r.opt_a, na, &cfg->adamw, err);
+    if (!rc) rc = kvp_adamw_new(&r.opt_p, np, &cfg->adamw, err);
+    if (!rc) set_decay_masks(&r);
+    if (!rc && cfg->resume && access(cfg->ckpt_path, F_OK) == 0) {
+        rc = load_ckpt(&r, err);
+        res->resumed = rc == 0;
+    }
+    r.t0 = kvp_now();
+    if (!rc) rc = kvp_kvptrain_ctx_new(&x, aux, base, p, B, T, w, err);
+    if (!rc && cfg->log_path && !(log = log_open(cfg->log_path, res->resumed, r.step, err)))
+        rc = err ? err->code : KVP_EIO;
+    if (!rc && cfg->progress)
+        r.prog = kvp_progress_new(cfg->progress, cfg->progress_tty, cfg->progress_interval);
+    if (!rc && res->resumed)
+        kvp_progress_message(r.prog, "resumed from %s at step %d of %d", cfg->ckpt_path, r.step,
+                             cfg->steps);
+    /* where the run starts from: the base on the predicted cache before training */
+    if (!rc && can_eval && r.step == 0 && !r.have_before) {
+        rc =
+            evaluate(x, val, tb, (uint64_t)cfg->final_eval_tokens, tokens, targets, &r.before, err);
+        if (!rc) {
+            r.have_before = true;
+            kvp_progress_message(r.prog,
+                                 "before: base on predicted cache %.4f bpb (own cache %.4f), aux "
+                                 "%.4f bpb, K/V L1 %.4f",
+                                 r.before.base_pred.bpb, r.before.base_own.bpb, r.before.aux.bpb,
+                                 r.before.kv);
+            if (log) {
+                fprintf(log, "0,0,,,,,,,");
+                log_val(log, &r.before);
+                fprintf(log, ",,%.2f\n", r.elapsed_before + (kvp_now() - r.t0));
+                fflush(log);
+            }
+        }
+    }
+
+    const int start_step = r.step;
+    const double t_train0 = kvp_now();
+    bool stopped = false;
+    while (!rc && r.step < cfg->steps) {
+        if ((cfg->stop_after > 0 && r.step >= cfg->stop_after) ||
+            (cfg->stop_flag && *cfg->stop_flag) ||
+            (cfg->time_limit_s > 0 && r.step > start_step &&
+             kvp_now() - r.t0 >= cfg->time_limit_s)) {
+            stopped = true;
+            break;
+        }
+        memset(ga, 0, na * sizeof *ga);
+        memset(gp, 0, np * sizeof *gp);
+        kvp_kvptrain_loss_t sum = {0, 0, 0, 0};
+        for (int a = 0; !rc && a < cfg->accum; a++) {
+            kvp_kvptrain_loss_t l;
+            rc = kvp_corpus_sample(train, &r.rng, B, T, tokens, targets, err);
+            if (!rc) rc = kvp_kvptrain_forward(x, tokens, targets, &l, err);
+            if (!rc) rc = kvp_kvptrain_backward(x, ga, gp, 1.0f / (float)cfg->accum, err);
+            if (rc) break;
+            sum.total += l.total, sum.base += l.base, sum.aux += l.aux, sum.kv += l.kv;
+        }
+        if (rc) break;
+        r.loss = (kvp_kvptrain_loss_t){sum.total / cfg->accum, sum.base / cfg->accum,
+                                       sum.aux / cfg->accum, sum.kv / cfg->accum};
+        if (!isfinite(r.loss.total)) {
+            rc = kvp_err_set(err, KVP_ERANGE,
+                             "KV-prediction training: the loss became %g at step %d (try a lower "
+                             "--lr)",
+                             r.loss.total, r.step + 1);
+            break;
+        }
+        double gnorm = clip_joint(ga, na, gp, np, cfg->clip);
+        float lr = kvp_lr_at(r.step, r.warmup, cfg->steps, cfg->lr, cfg->min_lr);
+        kvp_adamw_step(r.opt_a, aux->params, ga, lr);
+        kvp_adamw_step(r.opt_p, p->params, gp, lr);
+        r.step++;
+        r.tokens += BT * (uint64_t)cfg->accum;
+
+        bool last = r.step == cfg->steps, new_val = false;
+        if (can_eval && (last || (cfg->eval_every > 0 && r.step % cfg->eval_every == 0))) {
+            uint64_t cap = (uint64_t)(last ? cfg->final_eval_tokens : cfg->eval_tokens);
+            rc = evaluate(x, val, tb, cap, tokens, targets, &r.val, err);
+            if (rc) break;
+            r.have_val = new_val = true;
+        }
+        double session = kvp_now() - r.t0, trained = kvp_now() - t_train0;
+        double tps = trained > 0 ? (double)(r.step - start_step) * BT * cfg->accum / trained : 0;
+        double eta =
+            r.step > start_step ? trained / (r.step - start_step) * (cfg->steps - r.step) : -1.0;
+        double base_bpb = r.loss.base / LN2 * train_tok_per_byte;
+        if (log) {
+            fprintf(log, "%d,%" PRIu64 ",%.6g,%.6f,%.6f,%.6f,%.6f,%.6g,", r.step, r.tokens, lr,
+                    r.loss.total, r.loss.base, r.loss.aux, r.loss.kv, gnorm);
+            if (new_val)
+                log_val(log, &r.val);
+            else
+                fprintf(log, ",,");
+            fprintf(log, ",%.1f,%.2f\n", tps, r.elapsed_before + session);
+            fflush(log);
+        }
+        kvp_progress_info_t pi = {.step = r.step,
+                                  .total = cfg->steps,
+                                  .loss_bpb = base_bpb,
+                                  .val_bpb = r.have_val ? r.val.base_pred.bpb : NAN,
+                                  .tok_per_s = tps,
+                                  .eta_s = eta,
+                                  .new_val = new_val};
+        kvp_progress_update(r.prog, &pi);
+        if (!last && cfg->ckpt_path && cfg->ckpt_every > 0 && r.step % cfg->ckpt_every == 0)
+            rc = save_ckpt(&r, err);
+    }
+    if (!rc && cfg->ckpt_path && (r.step > start_step || stopped)) rc = save_ckpt(&r, err);
+    if (!rc && stopped)
+        kvp_progress_message(r.prog, "stopped at step %d of %d; checkpoint %s", r.step, cfg->steps,
+                             cfg->ckpt_path ? cfg->ckpt_path : "(none)");
+
+    double session = kvp_now() - r.t0, trained = kvp_now() - t_train0;
+    res->step = r.step;
+    res->completed = r.step == cfg->steps;
+    res->loss = r.loss;
+    res->have_before = r.have_before;
+    res->before = r.before;
+    res->have_val = r.have_val;
+    res->val = r.val;
+    res->tokens = r.tokens;
+    res->tok_per_s = trained > 0 ? (double)(r.step - start_step) * BT * cfg->accum / trained : 0.0;
+    res->elapsed_s = r.elapsed_before + session;
+
+    kvp_progress_free(&r.prog);
+    if (log) fclose(log);
+    kvp_kvptrain_ctx_free(&x);
+    kvp_adamw_free(&r.opt_a);
+    kvp_adamw_free(&r.opt_p);
+    free(ga);
+    free(gp);
+    free(tokens);
+    free(targets);
+    free(tb);
+    return rc;
+}
+
+/* ---- output ------------------------------------------------------------------ */
+
+int kvp_kvptrain_save_aux(const kvp_model_t *aux, const char *path, const kvp_gguf_t *vocab_from,
+                          const kvp_trainer_config_t *cfg, const kvp_kvptrain_weights_t *w,
+                          const kvp_kvptrain_result_t *res, const char *command, kvp_err_t *err) {
+    kvp_gguf_writer_t *wr = kvp_gguf_writer_new();
+    if (!wr) return kvp_err_set(err, KVP_ENOMEM, "out of memory");
+    int rc = kvp_model_to_gguf(aux, wr, KVP_GGML_F32, err);
+    if (!rc && vocab_from) {
+        for (uint64_t i = 0; !rc && i < kvp_gguf_n_kv(vocab_from); i++) {
+            const kvp_gguf_kv_t *kv = kvp_gguf_kv_at(vocab_from, i);
+            if (kv->key.len > 10 && !memcmp(kv->key.ptr, "tokenizer.", 10) &&
+                kvp_gguf_writer_copy_kv(wr, kv))
+                rc = kvp_err_set(err, KVP_ENOMEM, "out of memory");
+        }
+    } else if (!rc) {
+        rc = kvp_tokenizer_write_bytelevel(wr, NULL, 0, err);
+    }
+    int bad = 0;
+    if (!rc)
+        bad |= kvp_gguf_writer_set_str(wr, "general.name", "kvpred auxiliary model (KVP-trained)");
+    if (!rc && cfg && w && res) {
+        bad |= kvp_gguf_writer_set_u32(wr, "kvpred.kvptrain.step", (uint32_t)res->step);
+        bad |= kvp_gguf_writer_set_u32(wr, "kvpred.kvptrain.steps", (uint32_t)cfg->steps);
+        bad |= kvp_gguf_writer_set_u32(wr, "kvpred.kvptrain.batch", (uint32_t)cfg->batch);
+        bad |= kvp_gguf_writer_set_u32(wr, "kvpred.kvptrain.ctx", (uint32_t)cfg->ctx);
+        bad |= kvp_gguf_writer_set_u32(wr, "kvpred.kvptrain.accum", (uint32_t)cfg->accum);
+        bad |= kvp_gguf_writer_set_u64(wr, "kvpred.kvptrain.seed", cfg->seed);
+        bad |= kvp_gguf_writer_set_u64(wr, "kvpred.kvptrain.tokens", res->tokens);
+        bad |= kvp_gguf_writer_set_f32(wr, "kvpred.kvptrain.lr", cfg->lr);
+        bad |= kvp_gguf_writer_set_f32(wr, "kvpred.kvptrain.base_w", w->base_w);
+        bad |= kvp_gguf_writer_set_f32(wr, "kvpred.kvptrain.aux_w", w->aux_w);
+        bad |= kvp_gguf_writer_set_f32(wr, "kvpred.kvptrain.kv_w", w->kv_w);
+        bad |= kvp_gguf_writer_set_f32(wr, "kvpred.kvptrain.loss", (float)res->loss.total);
+        if (res->have_val) {
+            bad |= kvp_gguf_writer_set_f32(wr, "kvpred.kvptrain.val_base_pred_bpb",
+                                           (float)res->val.base_pred.bpb);
+            bad |=
+                kvp_gguf_writer_set_f32(wr, "kvpred.kvptrain.val_aux_bpb", (float)res->val.aux.bpb);
+        }
+        if (res->have_before) {
+            bad |= kvp_gguf_writer_set_f32(wr, "kvpred.kvptrain.before_base_pred_bpb",
+                                           (float)res->before.base_pred.bpb);
+            bad |= kvp_gguf_writer_set_f32(wr, "kvpred.kvptrain.before_aux_bpb",
+                                           (float)res->before.aux.bpb);
+        }
+        bad |= kvp_gguf_writer_set_f32(wr, "kvpred.kvptrain.seconds", (float)res->elapsed_s);
+    }
+    if (!rc && command) bad |= kvp_gguf_writer_set_str(wr, "kvpred.kvptrain.command", command);
+    if (!rc && bad) rc = kvp_err_set(err, KVP_ENOMEM, "out of memory");
+    if (!rc) rc = kvp_gguf_writer_write(wr, path, err);
+    kvp_gguf_writer_free(&wr);
+    return rc;
+}
+
+int kvp_kvptrain_save_predictor(const kvp_predictor_t *p, const kvp_model_t *aux,
+                                const kvp_model_t *base, const char *path, kvp_err_t *err) {
+    /* a fresh copy: the ridge fit's record of a closed-form start no longer
+     * describes these weights */
+    kvp_predictor_t *q = NULL;
+    int rc = kvp_predictor_new(&q, p->aux, p->base, p->layer_map, err);
+    if (rc) return rc;
+    memcpy(q->params, p->params, sizeof(float) * p->n_params);
+    rc = kvp_predictor_bind(q, aux, base, err);
+    if (!rc) rc = kvp_predictor_save(q, path, err);
+    kvp_predictor_free(&q);
+    return rc;
+}
