@@ -43,8 +43,9 @@ done
 cat "$run/up.log"
 echo
 
+status=0
 $K client -e "tcp://127.0.0.1:$port" -f deploy/prompts.txt -n 48 --greedy --trace --baseline \
-  --json "$run/results.json"
+  --json "$run/results.json" || status=$?
 echo
 kill "$up"
 wait "$up" 2>/dev/null || true
@@ -52,3 +53,4 @@ trap - EXIT
 $K trace "$run"/traces/*.trace -o "$run/trace.json" | tail -n 12
 echo
 echo "run files: $run (trace.json opens in https://ui.perfetto.dev or chrome://tracing)"
+exit "$status"
