@@ -18,5 +18,7 @@ int kvp_cmd_fit_predictor(int argc, char **argv);
 int kvp_cmd_train_kvp(int argc, char **argv);
 int kvp_cmd_client(int argc, char **argv);
 int kvp_cmd_up(int argc, char **argv);
+int kvp_cmd_prune(int argc, char **argv);
+int kvp_cmd_eval(int argc, char **argv);
 
 #endif

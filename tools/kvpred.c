@@ -25,6 +25,8 @@ static const kvp_cmd_t CMDS[] = {
     {"train-kvp", kvp_cmd_train_kvp, "train the aux model and the predictor (KV Prediction)"},
     {"up", kvp_cmd_up, "start the pipeline's three stages as local processes"},
     {"client", kvp_cmd_client, "send prompts to a running pipeline; --trace for TTFT parts"},
+    {"prune", kvp_cmd_prune, "a layer-pruned copy of a model, optionally fine-tuned"},
+    {"eval", kvp_cmd_eval, "KV Prediction against its baselines at equal TTFT FLOPs"},
 };
 
 static void usage(FILE *f) {
