@@ -9,6 +9,7 @@
  * below, marked as such, rather than exported from a module that is
  * being worked on. */
 #include "kvp_kvptrain.h"
+#include "kvp_trainutil.h"
 
 #include <cblas.h>
 #include <errno.h>
@@ -27,7 +28,6 @@
 #include "kvp_train.h"
 
 #define LN2 0.69314718055994530942
-#define META_MAX 8192
 #define CKPT_FORMAT "kvpred-kvptrain 1"
 #define CSV_HEADER                                                                                 \
     "step,tokens,lr,loss,base_loss,aux_loss,kv_loss,grad_norm,val_base_bpb,val_aux_bpb,val_kv,"    \
@@ -271,22 +271,6 @@ const float *kvp_kvptrain_true_v(const kvp_kvptrain_ctx_t *x, int l) {
 
 /* ---- validation ------------------------------------------------------------- */
 
-/* Copied from kvp_trainer.c (static there): text bytes each token id stands
- * for (control tokens: 0). */
-static uint32_t *token_bytes_new(const kvp_tokenizer_t *tok, int n_vocab) {
-    uint32_t *tb = calloc((size_t)n_vocab, sizeof *tb);
-    if (!tb) return NULL;
-    for (int i = 0; i < n_vocab; i++) {
-        if (!tok) {
-            tb[i] = i < 256 ? 1 : 0;
-        } else if (i < kvp_tokenizer_n_vocab(tok) && !kvp_tokenizer_is_control(tok, i)) {
-            int n = kvp_tokenizer_piece(tok, i, NULL, 0);
-            tb[i] = n > 0 ? (uint32_t)n : 0;
-        }
-    }
-    return tb;
-}
-
 /* One batch of evaluation windows (the first n_real rows are real windows):
  * adds the nats of the scored tokens of the three models to nats[3] and the
  * absolute K/V differences of the real rows, every layer, to *abs_sum. */
@@ -391,7 +375,7 @@ int kvp_kvptrain_evaluate(const kvp_model_t *aux, const kvp_model_t *base, const
     kvp_kvptrain_weights_default(&w);
     kvp_kvptrain_ctx_t *x = NULL;
     int rc = kvp_kvptrain_ctx_new(&x, aux, base, p, B, T, &w, err);
-    uint32_t *tb = rc ? NULL : token_bytes_new(tok, base->cfg.n_vocab);
+    uint32_t *tb = rc ? NULL : kvp_trainutil_token_bytes_new(tok, base->cfg.n_vocab);
     int32_t *tokens = malloc(sizeof(int32_t) * (size_t)B * T);
     int32_t *targets = malloc(sizeof(int32_t) * (size_t)B * T);
     if (!rc && (!tb || !tokens || !targets))
@@ -408,49 +392,9 @@ int kvp_kvptrain_evaluate(const kvp_model_t *aux, const kvp_model_t *base, const
  * Copied from kvp_trainer.c (static there): a text section of key=value
  * lines; floats with enough digits to read back exactly. */
 
-typedef struct meta {
-    char buf[META_MAX];
-    size_t n;
-} meta_t;
-
-static void meta_add(meta_t *m, const char *key, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void meta_add(meta_t *m, const char *key, const char *fmt, ...) {
-    if (m->n >= sizeof m->buf) return;
-    int k = snprintf(m->buf + m->n, sizeof m->buf - m->n, "%s=", key);
-    if (k > 0) m->n += (size_t)k;
-    if (m->n >= sizeof m->buf) return;
-    va_list ap;
-    va_start(ap, fmt);
-    k = vsnprintf(m->buf + m->n, sizeof m->buf - m->n, fmt, ap);
-    va_end(ap);
-    if (k > 0) m->n += (size_t)k;
-    if (m->n < sizeof m->buf - 1) m->buf[m->n++] = '\n';
-    if (m->n >= sizeof m->buf) m->n = sizeof m->buf - 1;
-    m->buf[m->n] = 0;
-}
-
-static bool meta_get(const char *text, size_t n, const char *key, char *val, size_t cap) {
-    size_t kl = strlen(key);
-    const char *p = text, *end = text + n;
-    while (p < end) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        const char *le = nl ? nl : end;
-        if ((size_t)(le - p) > kl && !memcmp(p, key, kl) && p[kl] == '=') {
-            size_t vl = (size_t)(le - p) - kl - 1;
-            if (vl >= cap) vl = cap - 1;
-            memcpy(val, p + kl + 1, vl);
-            val[vl] = 0;
-            return true;
-        }
-        p = le + 1;
-    }
-    return false;
-}
-
 static double meta_double(const char *text, size_t n, const char *key) {
     char v[64];
-    return meta_get(text, n, key, v, sizeof v) ? strtod(v, NULL) : NAN;
+    return kvp_trainutil_meta_get(text, n, key, v, sizeof v) ? strtod(v, NULL) : NAN;
 }
 
 /* FNV-1a-64 of bytes, continuing from h. */
@@ -485,41 +429,42 @@ typedef struct run {
 } run_t;
 
 /* The settings a resumed run must share with its checkpoint. */
-static void meta_settings(meta_t *mt, const run_t *r) {
+static void meta_settings(kvp_trainutil_meta_t *mt, const run_t *r) {
     const kvp_trainer_config_t *cfg = r->cfg;
     const kvp_model_config_t *mc = &r->aux->cfg;
     const kvp_predictor_t *p = r->p;
-    meta_add(mt, "aux_n_params", "%zu", r->aux->n_params);
-    meta_add(mt, "aux_model",
-             "vocab %d embd %d layers %d heads %d kv_heads %d head_dim %d ffn %d rope_dim %d "
-             "rope_base %.9g norm_eps %.9g tied %d",
-             mc->n_vocab, mc->n_embd, mc->n_layer, mc->n_head, mc->n_kv_head, mc->head_dim,
-             mc->n_ff, mc->rope_dim, mc->rope_base, mc->norm_eps, (int)mc->tied_output);
-    meta_add(mt, "aux_start", "%s", r->aux_start);
-    meta_add(mt, "base", "%s", r->base_fp);
-    meta_add(mt, "predictor", "aux %dx%dx%d base %dx%dx%d start %016" PRIx64, p->aux.n_layer,
-             p->aux.n_kv_head, p->aux.head_dim, p->base.n_layer, p->base.n_kv_head,
-             p->base.head_dim, r->pred_start);
-    meta_add(mt, "batch", "%d", cfg->batch);
-    meta_add(mt, "ctx", "%d", cfg->ctx);
-    meta_add(mt, "accum", "%d", cfg->accum);
-    meta_add(mt, "steps", "%d", cfg->steps);
-    meta_add(mt, "warmup", "%d", r->warmup);
-    meta_add(mt, "lr", "%.9g", cfg->lr);
-    meta_add(mt, "min_lr", "%.9g", cfg->min_lr);
-    meta_add(mt, "beta1", "%.9g", cfg->adamw.beta1);
-    meta_add(mt, "beta2", "%.9g", cfg->adamw.beta2);
-    meta_add(mt, "eps", "%.9g", cfg->adamw.eps);
-    meta_add(mt, "weight_decay", "%.9g", cfg->adamw.weight_decay);
-    meta_add(mt, "clip", "%.9g", cfg->clip);
-    meta_add(mt, "seed", "%" PRIu64, cfg->seed);
-    meta_add(mt, "weights", "base %.9g aux %.9g kv %.9g zloss %.9g", r->w->base_w, r->w->aux_w,
-             r->w->kv_w, r->w->zloss);
-    meta_add(mt, "corpus", "%016" PRIx64 " (%zu files)", kvp_corpus_fingerprint(r->c),
-             kvp_corpus_n_files(r->c));
+    kvp_trainutil_meta_add(mt, "aux_n_params", "%zu", r->aux->n_params);
+    kvp_trainutil_meta_add(
+        mt, "aux_model",
+        "vocab %d embd %d layers %d heads %d kv_heads %d head_dim %d ffn %d rope_dim %d "
+        "rope_base %.9g norm_eps %.9g tied %d",
+        mc->n_vocab, mc->n_embd, mc->n_layer, mc->n_head, mc->n_kv_head, mc->head_dim, mc->n_ff,
+        mc->rope_dim, mc->rope_base, mc->norm_eps, (int)mc->tied_output);
+    kvp_trainutil_meta_add(mt, "aux_start", "%s", r->aux_start);
+    kvp_trainutil_meta_add(mt, "base", "%s", r->base_fp);
+    kvp_trainutil_meta_add(mt, "predictor", "aux %dx%dx%d base %dx%dx%d start %016" PRIx64,
+                           p->aux.n_layer, p->aux.n_kv_head, p->aux.head_dim, p->base.n_layer,
+                           p->base.n_kv_head, p->base.head_dim, r->pred_start);
+    kvp_trainutil_meta_add(mt, "batch", "%d", cfg->batch);
+    kvp_trainutil_meta_add(mt, "ctx", "%d", cfg->ctx);
+    kvp_trainutil_meta_add(mt, "accum", "%d", cfg->accum);
+    kvp_trainutil_meta_add(mt, "steps", "%d", cfg->steps);
+    kvp_trainutil_meta_add(mt, "warmup", "%d", r->warmup);
+    kvp_trainutil_meta_add(mt, "lr", "%.9g", cfg->lr);
+    kvp_trainutil_meta_add(mt, "min_lr", "%.9g", cfg->min_lr);
+    kvp_trainutil_meta_add(mt, "beta1", "%.9g", cfg->adamw.beta1);
+    kvp_trainutil_meta_add(mt, "beta2", "%.9g", cfg->adamw.beta2);
+    kvp_trainutil_meta_add(mt, "eps", "%.9g", cfg->adamw.eps);
+    kvp_trainutil_meta_add(mt, "weight_decay", "%.9g", cfg->adamw.weight_decay);
+    kvp_trainutil_meta_add(mt, "clip", "%.9g", cfg->clip);
+    kvp_trainutil_meta_add(mt, "seed", "%" PRIu64, cfg->seed);
+    kvp_trainutil_meta_add(mt, "weights", "base %.9g aux %.9g kv %.9g zloss %.9g", r->w->base_w,
+                           r->w->aux_w, r->w->kv_w, r->w->zloss);
+    kvp_trainutil_meta_add(mt, "corpus", "%016" PRIx64 " (%zu files)", kvp_corpus_fingerprint(r->c),
+                           kvp_corpus_n_files(r->c));
 }
 
-static void meta_eval(meta_t *mt, const char *prefix, const kvp_kvptrain_eval_t *e) {
+static void meta_eval(kvp_trainutil_meta_t *mt, const char *prefix, const kvp_kvptrain_eval_t *e) {
     char k[64];
     const struct {
         const char *name;
@@ -527,14 +472,14 @@ static void meta_eval(meta_t *mt, const char *prefix, const kvp_kvptrain_eval_t 
     } parts[] = {{"base_pred", &e->base_pred}, {"aux", &e->aux}, {"base_own", &e->base_own}};
     for (size_t i = 0; i < 3; i++) {
         snprintf(k, sizeof k, "%s_%s_loss", prefix, parts[i].name);
-        meta_add(mt, k, "%.17g", parts[i].e->loss);
+        kvp_trainutil_meta_add(mt, k, "%.17g", parts[i].e->loss);
         snprintf(k, sizeof k, "%s_%s_bpb", prefix, parts[i].name);
-        meta_add(mt, k, "%.17g", parts[i].e->bpb);
+        kvp_trainutil_meta_add(mt, k, "%.17g", parts[i].e->bpb);
         snprintf(k, sizeof k, "%s_%s_tokens", prefix, parts[i].name);
-        meta_add(mt, k, "%" PRIu64, parts[i].e->tokens);
+        kvp_trainutil_meta_add(mt, k, "%" PRIu64, parts[i].e->tokens);
     }
     snprintf(k, sizeof k, "%s_kv", prefix);
-    meta_add(mt, k, "%.17g", e->kv);
+    kvp_trainutil_meta_add(mt, k, "%.17g", e->kv);
 }
 
 static void meta_get_eval(const char *text, size_t n, const char *prefix, kvp_kvptrain_eval_t *e) {
@@ -547,26 +492,27 @@ static void meta_get_eval(const char *text, size_t n, const char *prefix, kvp_kv
         snprintf(k, sizeof k, "%s_%s_bpb", prefix, names[i]);
         parts[i]->bpb = meta_double(text, n, k);
         snprintf(k, sizeof k, "%s_%s_tokens", prefix, names[i]);
-        parts[i]->tokens = meta_get(text, n, k, v, sizeof v) ? strtoull(v, NULL, 10) : 0;
+        parts[i]->tokens =
+            kvp_trainutil_meta_get(text, n, k, v, sizeof v) ? strtoull(v, NULL, 10) : 0;
     }
     snprintf(k, sizeof k, "%s_kv", prefix);
     e->kv = meta_double(text, n, k);
 }
 
 static int save_ckpt(run_t *r, kvp_err_t *err) {
-    meta_t mt = {.n = 0};
-    meta_add(&mt, "format", CKPT_FORMAT);
-    meta_add(&mt, "step", "%d", r->step);
-    meta_add(&mt, "tokens", "%" PRIu64, r->tokens);
-    meta_add(&mt, "elapsed", "%.17g", r->elapsed_before + (kvp_now() - r->t0));
-    meta_add(&mt, "adam_t", "%" PRId64, r->opt_a->t);
-    meta_add(&mt, "loss", "%.17g", r->loss.total);
-    meta_add(&mt, "loss_base", "%.17g", r->loss.base);
-    meta_add(&mt, "loss_aux", "%.17g", r->loss.aux);
-    meta_add(&mt, "loss_kv", "%.17g", r->loss.kv);
-    meta_add(&mt, "have_before", "%d", (int)r->have_before);
+    kvp_trainutil_meta_t mt = {.n = 0};
+    kvp_trainutil_meta_add(&mt, "format", CKPT_FORMAT);
+    kvp_trainutil_meta_add(&mt, "step", "%d", r->step);
+    kvp_trainutil_meta_add(&mt, "tokens", "%" PRIu64, r->tokens);
+    kvp_trainutil_meta_add(&mt, "elapsed", "%.17g", r->elapsed_before + (kvp_now() - r->t0));
+    kvp_trainutil_meta_add(&mt, "adam_t", "%" PRId64, r->opt_a->t);
+    kvp_trainutil_meta_add(&mt, "loss", "%.17g", r->loss.total);
+    kvp_trainutil_meta_add(&mt, "loss_base", "%.17g", r->loss.base);
+    kvp_trainutil_meta_add(&mt, "loss_aux", "%.17g", r->loss.aux);
+    kvp_trainutil_meta_add(&mt, "loss_kv", "%.17g", r->loss.kv);
+    kvp_trainutil_meta_add(&mt, "have_before", "%d", (int)r->have_before);
     if (r->have_before) meta_eval(&mt, "before", &r->before);
-    meta_add(&mt, "have_val", "%d", (int)r->have_val);
+    kvp_trainutil_meta_add(&mt, "have_val", "%d", (int)r->have_val);
     if (r->have_val) meta_eval(&mt, "val", &r->val);
     meta_settings(&mt, r);
     const uint64_t na = (uint64_t)r->aux->n_params * sizeof(float),
@@ -592,13 +538,13 @@ static int load_ckpt(run_t *r, kvp_err_t *err) {
     uint64_t ml = 0;
     const char *text = kvp_ckpt_find(ck, "meta", &ml);
     char val[512], want_val[512];
-    if (!text || !meta_get(text, (size_t)ml, "format", val, sizeof val) ||
+    if (!text || !kvp_trainutil_meta_get(text, (size_t)ml, "format", val, sizeof val) ||
         strcmp(val, CKPT_FORMAT)) {
         kvp_ckpt_free(&ck);
         return kvp_err_set(err, KVP_EFORMAT,
                            "checkpoint %s: not a kvpred KV-prediction training checkpoint", path);
     }
-    meta_t want = {.n = 0};
+    kvp_trainutil_meta_t want = {.n = 0};
     meta_settings(&want, r);
     for (char *line = want.buf; *line;) {
         char *nl = strchr(line, '\n');
@@ -606,7 +552,8 @@ static int load_ckpt(run_t *r, kvp_err_t *err) {
         char *eq = strchr(line, '=');
         *eq = 0;
         snprintf(want_val, sizeof want_val, "%s", eq + 1);
-        if (!meta_get(text, (size_t)ml, line, val, sizeof val)) snprintf(val, sizeof val, "?");
+        if (!kvp_trainutil_meta_get(text, (size_t)ml, line, val, sizeof val))
+            snprintf(val, sizeof val, "?");
         if (strcmp(val, want_val)) {
             rc = kvp_err_set(err, KVP_ESHAPE,
                              "checkpoint %s was written with %s=%s, this run has %s=%s: resume "
@@ -618,10 +565,10 @@ static int load_ckpt(run_t *r, kvp_err_t *err) {
         line = nl + 1;
     }
     char v[4][64];
-    if (!meta_get(text, (size_t)ml, "step", v[0], sizeof v[0]) ||
-        !meta_get(text, (size_t)ml, "tokens", v[1], sizeof v[1]) ||
-        !meta_get(text, (size_t)ml, "elapsed", v[2], sizeof v[2]) ||
-        !meta_get(text, (size_t)ml, "adam_t", v[3], sizeof v[3])) {
+    if (!kvp_trainutil_meta_get(text, (size_t)ml, "step", v[0], sizeof v[0]) ||
+        !kvp_trainutil_meta_get(text, (size_t)ml, "tokens", v[1], sizeof v[1]) ||
+        !kvp_trainutil_meta_get(text, (size_t)ml, "elapsed", v[2], sizeof v[2]) ||
+        !kvp_trainutil_meta_get(text, (size_t)ml, "adam_t", v[3], sizeof v[3])) {
         kvp_ckpt_free(&ck);
         return kvp_err_set(err, KVP_EFORMAT, "checkpoint %s: metadata incomplete", path);
     }
@@ -633,9 +580,11 @@ static int load_ckpt(run_t *r, kvp_err_t *err) {
     r->loss.base = meta_double(text, (size_t)ml, "loss_base");
     r->loss.aux = meta_double(text, (size_t)ml, "loss_aux");
     r->loss.kv = meta_double(text, (size_t)ml, "loss_kv");
-    r->have_before = meta_get(text, (size_t)ml, "have_before", val, sizeof val) && atoi(val);
+    r->have_before =
+        kvp_trainutil_meta_get(text, (size_t)ml, "have_before", val, sizeof val) && atoi(val);
     if (r->have_before) meta_get_eval(text, (size_t)ml, "before", &r->before);
-    r->have_val = meta_get(text, (size_t)ml, "have_val", val, sizeof val) && atoi(val);
+    r->have_val =
+        kvp_trainutil_meta_get(text, (size_t)ml, "have_val", val, sizeof val) && atoi(val);
     if (r->have_val) meta_get_eval(text, (size_t)ml, "val", &r->val);
     if (r->step < 0 || r->step > r->cfg->steps) {
         kvp_ckpt_free(&ck);
@@ -653,41 +602,6 @@ static int load_ckpt(run_t *r, kvp_err_t *err) {
     if (!rc) rc = kvp_ckpt_get(ck, "pred.adam.v", r->opt_p->v, np, err);
     kvp_ckpt_free(&ck);
     return rc;
-}
-
-/* Copied from kvp_trainer.c (static there): opens the log for appending; a
- * fresh run starts it anew, a resumed one keeps the rows up to the
- * checkpoint's step (a killed run may have logged steps its checkpoint does
- * not hold). */
-static FILE *log_open(const char *path, bool resumed, int step, kvp_err_t *err) {
-    if (resumed) {
-        FILE *in = fopen(path, "rb");
-        if (in) {
-            char *keep = NULL;
-            size_t kn = 0;
-            FILE *mem = open_memstream(&keep, &kn);
-            char line[1024];
-            bool header = true;
-            while (mem && fgets(line, sizeof line, in)) {
-                if (header || atoi(line) <= step) fputs(line, mem);
-                header = false;
-            }
-            fclose(in);
-            if (mem) fclose(mem);
-            FILE *out = fopen(path, "wb");
-            if (out && keep) fwrite(keep, 1, kn, out);
-            free(keep);
-            if (!out) kvp_err_set(err, KVP_EIO, "log %s: %s", path, strerror(errno));
-            return out;
-        }
-    }
-    FILE *f = fopen(path, "wb");
-    if (!f) {
-        kvp_err_set(err, KVP_EIO, "log %s: %s", path, strerror(errno));
-        return NULL;
-    }
-    fprintf(f, "%s\n", CSV_HEADER);
-    return f;
 }
 
 static void log_val(FILE *log, const kvp_kvptrain_eval_t *e) {
@@ -791,7 +705,7 @@ int kvp_kvptrain_run(kvp_model_t *aux, const kvp_model_t *base, kvp_predictor_t 
     kvp_kvptrain_ctx_t *x = NULL;
     float *ga = calloc(na, sizeof *ga), *gp = calloc(np, sizeof *gp);
     int32_t *tokens = malloc(BT * sizeof *tokens), *targets = malloc(BT * sizeof *targets);
-    uint32_t *tb = token_bytes_new(cfg->tok, aux->cfg.n_vocab);
+    uint32_t *tb = kvp_trainutil_token_bytes_new(cfg->tok, aux->cfg.n_vocab);
     FILE *log = NULL;
     if (!ga || !gp || !tokens || !targets || !tb)
         rc = kvp_err_set(err, KVP_ENOMEM, "KV-prediction training: out of memory");
@@ -804,7 +718,8 @@ int kvp_kvptrain_run(kvp_model_t *aux, const kvp_model_t *base, kvp_predictor_t 
     }
     r.t0 = kvp_now();
     if (!rc) rc = kvp_kvptrain_ctx_new(&x, aux, base, p, B, T, w, err);
-    if (!rc && cfg->log_path && !(log = log_open(cfg->log_path, res->resumed, r.step, err)))
+    if (!rc && cfg->log_path &&
+        !(log = kvp_trainutil_log_open(cfg->log_path, CSV_HEADER, res->resumed, r.step, err)))
         rc = err ? err->code : KVP_EIO;
     if (!rc && cfg->progress)
         r.prog = kvp_progress_new(cfg->progress, cfg->progress_tty, cfg->progress_interval);

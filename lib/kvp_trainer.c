@@ -1,4 +1,5 @@
 #include "kvp_trainer.h"
+#include "kvp_trainutil.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -15,7 +16,6 @@
 #include "kvp_train.h"
 
 #define LN2 0.69314718055994530942
-#define META_MAX 4096
 #define CSV_HEADER "step,tokens,lr,loss,train_bpb,grad_norm,val_loss,val_bpb,tok_per_s,elapsed_s"
 
 void kvp_trainer_config_default(kvp_trainer_config_t *c) {
@@ -59,21 +59,6 @@ int kvp_trainer_init_model(kvp_model_t **out, const kvp_model_config_t *cfg, uin
 }
 
 /* ---- bytes per token and evaluation -------------------------------------- */
-
-/* Text bytes each token id stands for (control tokens: 0). */
-static uint32_t *token_bytes_new(const kvp_tokenizer_t *tok, int n_vocab) {
-    uint32_t *tb = calloc((size_t)n_vocab, sizeof *tb);
-    if (!tb) return NULL;
-    for (int i = 0; i < n_vocab; i++) {
-        if (!tok) {
-            tb[i] = i < 256 ? 1 : 0;
-        } else if (i < kvp_tokenizer_n_vocab(tok) && !kvp_tokenizer_is_control(tok, i)) {
-            int n = kvp_tokenizer_piece(tok, i, NULL, 0);
-            tb[i] = n > 0 ? (uint32_t)n : 0;
-        }
-    }
-    return tb;
-}
 
 /* Scores about max_tokens tokens of s in evenly spaced windows of T, B a
  * forward, with tc (made for B x T). */
@@ -133,7 +118,7 @@ int kvp_trainer_evaluate(const kvp_model_t *m, const kvp_corpus_stream_t *s,
                            T);
     kvp_train_ctx_t *tc = NULL;
     int rc = kvp_train_ctx_new(&tc, m, B, T, err);
-    uint32_t *tb = rc ? NULL : token_bytes_new(tok, m->cfg.n_vocab);
+    uint32_t *tb = rc ? NULL : kvp_trainutil_token_bytes_new(tok, m->cfg.n_vocab);
     int32_t *tokens = malloc(sizeof(int32_t) * (size_t)B * T);
     int32_t *targets = malloc(sizeof(int32_t) * (size_t)B * T);
     if (!rc && (!tb || !tokens || !targets))
@@ -152,73 +137,32 @@ int kvp_trainer_evaluate(const kvp_model_t *m, const kvp_corpus_stream_t *s,
  * which a resumed run must share. Floats are printed with enough digits to
  * read back exactly. */
 
-typedef struct meta {
-    char buf[META_MAX];
-    size_t n;
-} meta_t;
-
-static void meta_add(meta_t *m, const char *key, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void meta_add(meta_t *m, const char *key, const char *fmt, ...) {
-    if (m->n >= sizeof m->buf) return;
-    int k = snprintf(m->buf + m->n, sizeof m->buf - m->n, "%s=", key);
-    if (k > 0) m->n += (size_t)k;
-    if (m->n >= sizeof m->buf) return;
-    va_list ap;
-    va_start(ap, fmt);
-    k = vsnprintf(m->buf + m->n, sizeof m->buf - m->n, fmt, ap);
-    va_end(ap);
-    if (k > 0) m->n += (size_t)k;
-    if (m->n < sizeof m->buf - 1) m->buf[m->n++] = '\n';
-    if (m->n >= sizeof m->buf) m->n = sizeof m->buf - 1;
-    m->buf[m->n] = 0;
-}
-
 /* The settings a resumed run must share with the checkpoint. */
-static void meta_settings(meta_t *mt, const kvp_model_t *m, const kvp_corpus_t *c,
+static void meta_settings(kvp_trainutil_meta_t *mt, const kvp_model_t *m, const kvp_corpus_t *c,
                           const kvp_trainer_config_t *cfg, int warmup) {
     const kvp_model_config_t *mc = &m->cfg;
-    meta_add(mt, "n_params", "%zu", m->n_params);
-    meta_add(mt, "model",
-             "vocab %d embd %d layers %d heads %d kv_heads %d head_dim %d ffn %d rope_dim %d "
-             "rope_base %.9g norm_eps %.9g tied %d",
-             mc->n_vocab, mc->n_embd, mc->n_layer, mc->n_head, mc->n_kv_head, mc->head_dim,
-             mc->n_ff, mc->rope_dim, mc->rope_base, mc->norm_eps, (int)mc->tied_output);
-    meta_add(mt, "batch", "%d", cfg->batch);
-    meta_add(mt, "ctx", "%d", cfg->ctx);
-    meta_add(mt, "accum", "%d", cfg->accum);
-    meta_add(mt, "steps", "%d", cfg->steps);
-    meta_add(mt, "warmup", "%d", warmup);
-    meta_add(mt, "lr", "%.9g", cfg->lr);
-    meta_add(mt, "min_lr", "%.9g", cfg->min_lr);
-    meta_add(mt, "beta1", "%.9g", cfg->adamw.beta1);
-    meta_add(mt, "beta2", "%.9g", cfg->adamw.beta2);
-    meta_add(mt, "eps", "%.9g", cfg->adamw.eps);
-    meta_add(mt, "weight_decay", "%.9g", cfg->adamw.weight_decay);
-    meta_add(mt, "clip", "%.9g", cfg->clip);
-    meta_add(mt, "seed", "%" PRIu64, cfg->seed);
-    meta_add(mt, "corpus", "%016" PRIx64 " (%zu files)", kvp_corpus_fingerprint(c),
-             kvp_corpus_n_files(c));
-}
-
-/* Finds key in a key=value text (not NUL-terminated, n bytes); copies the
- * value into val. */
-static bool meta_get(const char *text, size_t n, const char *key, char *val, size_t cap) {
-    size_t kl = strlen(key);
-    const char *p = text, *end = text + n;
-    while (p < end) {
-        const char *nl = memchr(p, '\n', (size_t)(end - p));
-        const char *le = nl ? nl : end;
-        if ((size_t)(le - p) > kl && !memcmp(p, key, kl) && p[kl] == '=') {
-            size_t vl = (size_t)(le - p) - kl - 1;
-            if (vl >= cap) vl = cap - 1;
-            memcpy(val, p + kl + 1, vl);
-            val[vl] = 0;
-            return true;
-        }
-        p = le + 1;
-    }
-    return false;
+    kvp_trainutil_meta_add(mt, "n_params", "%zu", m->n_params);
+    kvp_trainutil_meta_add(
+        mt, "model",
+        "vocab %d embd %d layers %d heads %d kv_heads %d head_dim %d ffn %d rope_dim %d "
+        "rope_base %.9g norm_eps %.9g tied %d",
+        mc->n_vocab, mc->n_embd, mc->n_layer, mc->n_head, mc->n_kv_head, mc->head_dim, mc->n_ff,
+        mc->rope_dim, mc->rope_base, mc->norm_eps, (int)mc->tied_output);
+    kvp_trainutil_meta_add(mt, "batch", "%d", cfg->batch);
+    kvp_trainutil_meta_add(mt, "ctx", "%d", cfg->ctx);
+    kvp_trainutil_meta_add(mt, "accum", "%d", cfg->accum);
+    kvp_trainutil_meta_add(mt, "steps", "%d", cfg->steps);
+    kvp_trainutil_meta_add(mt, "warmup", "%d", warmup);
+    kvp_trainutil_meta_add(mt, "lr", "%.9g", cfg->lr);
+    kvp_trainutil_meta_add(mt, "min_lr", "%.9g", cfg->min_lr);
+    kvp_trainutil_meta_add(mt, "beta1", "%.9g", cfg->adamw.beta1);
+    kvp_trainutil_meta_add(mt, "beta2", "%.9g", cfg->adamw.beta2);
+    kvp_trainutil_meta_add(mt, "eps", "%.9g", cfg->adamw.eps);
+    kvp_trainutil_meta_add(mt, "weight_decay", "%.9g", cfg->adamw.weight_decay);
+    kvp_trainutil_meta_add(mt, "clip", "%.9g", cfg->clip);
+    kvp_trainutil_meta_add(mt, "seed", "%" PRIu64, cfg->seed);
+    kvp_trainutil_meta_add(mt, "corpus", "%016" PRIx64 " (%zu files)", kvp_corpus_fingerprint(c),
+                           kvp_corpus_n_files(c));
 }
 
 /* ---- the run ------------------------------------------------------------- */
@@ -242,16 +186,16 @@ typedef struct run {
 
 static int save_ckpt(run_t *r, kvp_err_t *err) {
     const kvp_trainer_config_t *cfg = r->cfg;
-    meta_t mt = {.n = 0};
-    meta_add(&mt, "format", "kvpred-trainer 1");
-    meta_add(&mt, "step", "%d", r->step);
-    meta_add(&mt, "tokens", "%" PRIu64, r->tokens);
-    meta_add(&mt, "elapsed", "%.17g", r->elapsed_before + (kvp_now() - r->t0));
-    meta_add(&mt, "adam_t", "%" PRId64, r->opt->t);
-    meta_add(&mt, "loss", "%.17g", r->loss);
-    meta_add(&mt, "val_loss", "%.17g", r->val_loss);
-    meta_add(&mt, "val_bpb", "%.17g", r->val_bpb);
-    meta_add(&mt, "val_tokens", "%" PRIu64, r->val_tokens);
+    kvp_trainutil_meta_t mt = {.n = 0};
+    kvp_trainutil_meta_add(&mt, "format", "kvpred-trainer 1");
+    kvp_trainutil_meta_add(&mt, "step", "%d", r->step);
+    kvp_trainutil_meta_add(&mt, "tokens", "%" PRIu64, r->tokens);
+    kvp_trainutil_meta_add(&mt, "elapsed", "%.17g", r->elapsed_before + (kvp_now() - r->t0));
+    kvp_trainutil_meta_add(&mt, "adam_t", "%" PRId64, r->opt->t);
+    kvp_trainutil_meta_add(&mt, "loss", "%.17g", r->loss);
+    kvp_trainutil_meta_add(&mt, "val_loss", "%.17g", r->val_loss);
+    kvp_trainutil_meta_add(&mt, "val_bpb", "%.17g", r->val_bpb);
+    kvp_trainutil_meta_add(&mt, "val_tokens", "%" PRIu64, r->val_tokens);
     meta_settings(&mt, r->m, r->c, cfg, r->warmup);
     uint64_t nb = (uint64_t)r->m->n_params * sizeof(float);
     kvp_ckpt_section_t s[] = {
@@ -269,37 +213,39 @@ static int load_ckpt(run_t *r, kvp_err_t *err) {
     uint64_t ml = 0;
     const char *text = kvp_ckpt_find(ck, "meta", &ml);
     char fmt[64], val[512];
-    if (!text || !meta_get(text, (size_t)ml, "format", fmt, sizeof fmt) ||
+    if (!text || !kvp_trainutil_meta_get(text, (size_t)ml, "format", fmt, sizeof fmt) ||
         strcmp(fmt, "kvpred-trainer 1")) {
         kvp_ckpt_free(&ck);
         return kvp_err_set(err, KVP_EFORMAT, "checkpoint %s: not a kvpred trainer checkpoint",
                            path);
     }
     /* every setting that decides the weights must be the same */
-    meta_t want = {.n = 0};
+    kvp_trainutil_meta_t want = {.n = 0};
     meta_settings(&want, r->m, r->c, r->cfg, r->warmup);
     for (char *line = want.buf; *line;) {
         char *nl = strchr(line, '\n');
         *nl = 0;
         char *eq = strchr(line, '=');
         *eq = 0;
-        if (!meta_get(text, (size_t)ml, line, val, sizeof val) || strcmp(val, eq + 1)) {
+        if (!kvp_trainutil_meta_get(text, (size_t)ml, line, val, sizeof val) ||
+            strcmp(val, eq + 1)) {
             rc = kvp_err_set(err, KVP_ESHAPE,
                              "checkpoint %s was written with %s=%s, this run has %s=%s: resume "
                              "with the same settings and corpus, or start afresh",
                              path, line,
-                             meta_get(text, (size_t)ml, line, val, sizeof val) ? val : "?", line,
-                             eq + 1);
+                             kvp_trainutil_meta_get(text, (size_t)ml, line, val, sizeof val) ? val
+                                                                                             : "?",
+                             line, eq + 1);
             kvp_ckpt_free(&ck);
             return rc;
         }
         line = nl + 1;
     }
     char v[4][64];
-    if (!meta_get(text, (size_t)ml, "step", v[0], sizeof v[0]) ||
-        !meta_get(text, (size_t)ml, "tokens", v[1], sizeof v[1]) ||
-        !meta_get(text, (size_t)ml, "elapsed", v[2], sizeof v[2]) ||
-        !meta_get(text, (size_t)ml, "adam_t", v[3], sizeof v[3])) {
+    if (!kvp_trainutil_meta_get(text, (size_t)ml, "step", v[0], sizeof v[0]) ||
+        !kvp_trainutil_meta_get(text, (size_t)ml, "tokens", v[1], sizeof v[1]) ||
+        !kvp_trainutil_meta_get(text, (size_t)ml, "elapsed", v[2], sizeof v[2]) ||
+        !kvp_trainutil_meta_get(text, (size_t)ml, "adam_t", v[3], sizeof v[3])) {
         kvp_ckpt_free(&ck);
         return kvp_err_set(err, KVP_EFORMAT, "checkpoint %s: metadata incomplete", path);
     }
@@ -307,10 +253,13 @@ static int load_ckpt(run_t *r, kvp_err_t *err) {
     r->tokens = strtoull(v[1], NULL, 10);
     r->elapsed_before = strtod(v[2], NULL);
     r->opt->t = strtoll(v[3], NULL, 10);
-    if (meta_get(text, (size_t)ml, "loss", val, sizeof val)) r->loss = strtod(val, NULL);
-    if (meta_get(text, (size_t)ml, "val_loss", val, sizeof val)) r->val_loss = strtod(val, NULL);
-    if (meta_get(text, (size_t)ml, "val_bpb", val, sizeof val)) r->val_bpb = strtod(val, NULL);
-    if (meta_get(text, (size_t)ml, "val_tokens", val, sizeof val))
+    if (kvp_trainutil_meta_get(text, (size_t)ml, "loss", val, sizeof val))
+        r->loss = strtod(val, NULL);
+    if (kvp_trainutil_meta_get(text, (size_t)ml, "val_loss", val, sizeof val))
+        r->val_loss = strtod(val, NULL);
+    if (kvp_trainutil_meta_get(text, (size_t)ml, "val_bpb", val, sizeof val))
+        r->val_bpb = strtod(val, NULL);
+    if (kvp_trainutil_meta_get(text, (size_t)ml, "val_tokens", val, sizeof val))
         r->val_tokens = strtoull(val, NULL, 10);
     if (r->step < 0 || r->step > r->cfg->steps) {
         kvp_ckpt_free(&ck);
@@ -327,40 +276,6 @@ static int load_ckpt(run_t *r, kvp_err_t *err) {
 }
 
 /* ---- the CSV log ----------------------------------------------------------- */
-
-/* Opens the log for appending. A fresh run starts it anew; a resumed run
- * keeps the rows up to the checkpoint's step and drops any later ones (a
- * killed run may have logged steps that its checkpoint does not hold). */
-static FILE *log_open(const char *path, bool resumed, int step, kvp_err_t *err) {
-    if (resumed) {
-        FILE *in = fopen(path, "rb");
-        if (in) {
-            char *keep = NULL;
-            size_t kn = 0;
-            FILE *mem = open_memstream(&keep, &kn);
-            char line[1024];
-            bool header = true;
-            while (mem && fgets(line, sizeof line, in)) {
-                if (header || atoi(line) <= step) fputs(line, mem);
-                header = false;
-            }
-            fclose(in);
-            if (mem) fclose(mem);
-            FILE *out = fopen(path, "wb");
-            if (out && keep) fwrite(keep, 1, kn, out);
-            free(keep);
-            if (!out) kvp_err_set(err, KVP_EIO, "log %s: %s", path, strerror(errno));
-            return out;
-        }
-    }
-    FILE *f = fopen(path, "wb");
-    if (!f) {
-        kvp_err_set(err, KVP_EIO, "log %s: %s", path, strerror(errno));
-        return NULL;
-    }
-    fprintf(f, "%s\n", CSV_HEADER);
-    return f;
-}
 
 /* ---- the loop -------------------------------------------------------------- */
 
@@ -418,7 +333,7 @@ int kvp_trainer_run(kvp_model_t *m, const kvp_corpus_t *c, const kvp_trainer_con
     kvp_train_ctx_t *tc = NULL;
     float *grads = calloc(n, sizeof *grads);
     int32_t *tokens = malloc(BT * sizeof *tokens), *targets = malloc(BT * sizeof *targets);
-    uint32_t *tb = token_bytes_new(cfg->tok, m->cfg.n_vocab);
+    uint32_t *tb = kvp_trainutil_token_bytes_new(cfg->tok, m->cfg.n_vocab);
     FILE *log = NULL;
     if (!grads || !tokens || !targets || !tb)
         rc = kvp_err_set(err, KVP_ENOMEM, "trainer: out of memory");
@@ -436,7 +351,8 @@ int kvp_trainer_run(kvp_model_t *m, const kvp_corpus_t *c, const kvp_trainer_con
     }
     r.t0 = kvp_now();
     if (!rc) rc = kvp_train_ctx_new(&tc, m, B, T, err);
-    if (!rc && cfg->log_path && !(log = log_open(cfg->log_path, res->resumed, r.step, err)))
+    if (!rc && cfg->log_path &&
+        !(log = kvp_trainutil_log_open(cfg->log_path, CSV_HEADER, res->resumed, r.step, err)))
         rc = err ? err->code : KVP_EIO;
     if (!rc && cfg->progress)
         r.prog = kvp_progress_new(cfg->progress, cfg->progress_tty, cfg->progress_interval);
