@@ -11,6 +11,7 @@
 #include <cblas.h>
 
 #include "kvp_bench.h"
+#include "kvp_bench_util.h"
 #include "kvp_blas.h"
 #include "kvp_json.h"
 #include "kvp_model.h"
@@ -35,29 +36,6 @@ static void usage(FILE *f) {
                "  tiny model (for a quick check).\n");
 }
 
-/* GFLOP/s of C[M][N] = A[M][K] B[N][K]^T, best of reps. */
-static double sgemm_gflops(int M, int N, int K, int reps) {
-    float *a = malloc(sizeof(float) * (size_t)M * K), *b = malloc(sizeof(float) * (size_t)N * K),
-          *c = malloc(sizeof(float) * (size_t)M * N);
-    kvp_rng_t r;
-    kvp_rng_seed(&r, 1);
-    for (size_t i = 0; i < (size_t)M * K; i++)
-        a[i] = kvp_rng_uniform(&r) - 0.5f;
-    for (size_t i = 0; i < (size_t)N * K; i++)
-        b[i] = kvp_rng_uniform(&r) - 0.5f;
-    double best = 1e30;
-    for (int i = 0; i < reps + 1; i++) {
-        double t0 = kvp_now();
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, a, K, b, K, 0.0f, c, N);
-        double dt = kvp_now() - t0;
-        if (i && dt < best) /* the first call warms up threads and caches */
-            best = dt;
-    }
-    free(a);
-    free(b);
-    free(c);
-    return 2.0 * M * N * K / best / 1e9;
-}
 
 /* GB/s of reading a buffer much larger than the caches (what decode of an
  * F32 model must do with its weights every token), best of reps. */
@@ -246,8 +224,8 @@ int kvp_bench_engine(int argc, char **argv) {
 
     printf("OpenBLAS kernels: %s%s, %d threads\n", kvp_blas_corename(),
            kvp_blas_was_switched() ? " (auto-selected by kvpred)" : "", kvp_blas_threads());
-    double ref = sgemm_gflops(512, 2048, 2048, 5);
-    double mix = sgemm_gflops(o.prompt, 3 * o.cfg.n_embd, o.cfg.n_embd, 5);
+    double ref = kvp_bench_sgemm_gflops(512, 2048, 2048, 5);
+    double mix = kvp_bench_sgemm_gflops(o.prompt, 3 * o.cfg.n_embd, o.cfg.n_embd, 5);
     printf("sgemm 512x2048x2048: %.1f GFLOP/s   (%dx%dx%d, the QKV shape: %.1f GFLOP/s)\n", ref,
            o.prompt, 3 * o.cfg.n_embd, o.cfg.n_embd, mix);
     double bw = read_bandwidth((size_t)1 << 30, 3);

@@ -8,6 +8,7 @@
 #include <cblas.h>
 
 #include "kvp_bench_train.h"
+#include "kvp_bench_util.h"
 #include "kvp_blas.h"
 #include "kvp_json.h"
 #include "kvp_model.h"
@@ -30,30 +31,6 @@ static void usage(FILE *f) {
             "  --small uses a tiny model (for a quick check).\n");
 }
 
-/* GFLOP/s of C[M][N] = A[M][K] B[N][K]^T, best of reps (after one warm-up). */
-static double sgemm_gflops(int M, int N, int K, int reps) {
-    float *a = malloc(sizeof(float) * (size_t)M * K), *b = malloc(sizeof(float) * (size_t)N * K),
-          *c = malloc(sizeof(float) * (size_t)M * N);
-    if (!a || !b || !c) {
-        free(a), free(b), free(c);
-        return 0.0;
-    }
-    kvp_rng_t r;
-    kvp_rng_seed(&r, 1);
-    for (size_t i = 0; i < (size_t)M * K; i++)
-        a[i] = kvp_rng_uniform(&r) - 0.5f;
-    for (size_t i = 0; i < (size_t)N * K; i++)
-        b[i] = kvp_rng_uniform(&r) - 0.5f;
-    double best = 1e30;
-    for (int i = 0; i < reps + 1; i++) {
-        double t0 = kvp_now();
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, a, K, b, K, 0.0f, c, N);
-        double dt = kvp_now() - t0;
-        if (i && dt < best) best = dt;
-    }
-    free(a), free(b), free(c);
-    return 2.0 * M * N * K / best / 1e9;
-}
 
 static int parse_args(int argc, char **argv, opts_t *o) {
     static const struct option lo[] = {{"batch", required_argument, 0, 'b'},
@@ -121,7 +98,7 @@ int kvp_bench_train(int argc, char **argv) {
     if (prc) return prc == 1 ? 0 : 2;
     printf("OpenBLAS kernels: %s%s, %d threads\n", kvp_blas_corename(),
            kvp_blas_was_switched() ? " (auto-selected by kvpred)" : "", kvp_blas_threads());
-    double ref = sgemm_gflops(512, 2048, 2048, 5);
+    double ref = kvp_bench_sgemm_gflops(512, 2048, 2048, 5);
     printf("sgemm 512x2048x2048: %.1f GFLOP/s\n", ref);
 
     kvp_err_t err = {0};
@@ -166,7 +143,7 @@ int kvp_bench_train(int argc, char **argv) {
     }
     /* sgemm again: on a shared machine the better of the two readings is
      * closer to what the step competed against */
-    double ref2 = sgemm_gflops(512, 2048, 2048, 5);
+    double ref2 = kvp_bench_sgemm_gflops(512, 2048, 2048, 5);
     if (ref2 > ref) ref = ref2;
     printf("sgemm 512x2048x2048 after the steps: %.1f GFLOP/s (best of both used below)\n", ref2);
     double mean = sum / o.steps, gf = flops / best / 1e9;
