@@ -110,7 +110,6 @@ static void send_pending(pred_t *p, pred_req_t *r) {
 static void on_reserve(pred_t *p, const kvp_wire_msg_t *m) {
     Kvpred__Reserve *rs = m->env->reserve;
     char id[KVP_TRACE_ID_MAX], msg[256];
-    kvp_err_t err = {0};
     if (!kvp_copy_id(id, sizeof id, rs->request_id))
         return error_up(p, &m->from, "", KVP_EINVAL, "reserve: request_id empty or too long");
     if (find(p, id)) return error_up(p, &m->from, id, KVP_EINVAL, "request id already in flight");
@@ -138,7 +137,6 @@ static void on_reserve(pred_t *p, const kvp_wire_msg_t *m) {
     }
     kvpred__envelope__pack(m->env, r->pending);
     r->pending_since = kvp_now();
-    (void)err;
     send_pending(p, r);
 }
 
@@ -156,7 +154,6 @@ static void on_chunk(pred_t *p, const kvp_wire_msg_t *m) {
     kvp_err_t err = {0};
     kvp_events_t ev = {0};
     kvp_events_add_proto(&ev, c->trace, c->n_trace, r->id);
-    size_t from = ev.n;
     kvp_events_mark(&p->stage, &ev, r->id, KVP_EV_PRED_RECV, (int32_t)c->seq, r->offset_ns,
                     r->offset_err_ns);
     int n = (int)(c->pos_end - c->pos_begin);
@@ -198,7 +195,6 @@ static void on_chunk(pred_t *p, const kvp_wire_msg_t *m) {
     free(bk), free(bv);
     kvp_events_mark(&p->stage, &ev, r->id, KVP_EV_PRED_SENT, (int32_t)c->seq, r->offset_ns,
                     r->offset_err_ns);
-    (void)from;
     kvp_events_proto_t ep;
     int n_ev = kvp_events_to_proto(&ev, 0, &ep);
     Kvpred__Chunk out = *c;
