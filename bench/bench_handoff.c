@@ -36,7 +36,9 @@
 #include <zmq.h>
 
 #include "kvp_bench.h"
+#include "kvp_bench_stages.h"
 #include "kvp_blas.h"
+#include "kvp_cpus.h"
 #include "kvp_client.h"
 #include "kvp_json.h"
 #include "kvp_kvpgen.h"
@@ -50,6 +52,10 @@
 typedef struct {
     const char *aux, *base, *predictor, *json;
     int reps, port, dtype, small, quick, verbose;
+    int procs;              /* stages as forked processes (default) or threads */
+    int threads[3];         /* OpenBLAS threads per stage; 0: the library's default */
+    const char *cpus[3];    /* CPU list per stage (processes only) */
+    char cpus_buf[128];
     int lens[MAX_LIST], n_lens;
     int chunks[MAX_LIST], n_chunks;
 } opts_t;
@@ -89,9 +95,16 @@ static void usage(FILE *f) {
         "usage: kvpred bench handoff [--aux A.gguf --base B.gguf --predictor P.gguf | --small]\n"
         "                            [--lens 128,512,2048] [--chunks 64,128,256,512] [--reps R]\n"
         "                            [--dtype f32|f16] [--port P] [--quick] [--json FILE]\n"
-        "  Runs aux-prefill, predictor and decoder as threads of this process over tcp\n"
-        "  loopback and compares their TTFT and KV transfer with in-process KV Prediction\n"
-        "  and with raw libzmq moving the same messages.\n"
+        "                            [--stages procs|threads] [--stage-threads N|A,P,D]\n"
+        "                            [--stage-cpus L|LA/LP/LD]\n"
+        "  Runs aux-prefill, predictor and decoder over tcp loopback and compares their\n"
+        "  TTFT and KV transfer with in-process KV Prediction and with raw libzmq moving\n"
+        "  the same messages.\n"
+        "  --stages procs (default): each stage a forked process with its own OpenBLAS\n"
+        "  pool, as kvpred up runs them; threads: threads of this process, one pool.\n"
+        "  --stage-threads: OpenBLAS threads of each stage process (default 2,1,2 on a\n"
+        "  machine with 2 or more cores: the predictor's maps overlap the aux prefill).\n"
+        "  --stage-cpus: pin each stage process to a CPU list, e.g. 0-1/1/0-1.\n"
         "  Without model files: random weights of a 110M base (12 layers, d 768) and a\n"
         "  4-layer d 384 aux; --small: base 2 layers d 128, aux 1 layer d 64, vocab 512.\n"
         "  --port P: stages on P, P+1, P+2 (default: free ports picked at start).\n"
@@ -121,6 +134,9 @@ static int parse(int argc, char **argv, opts_t *o) {
                                        {"quick", no_argument, 0, 'q'},
                                        {"small", no_argument, 0, 's'},
                                        {"verbose", no_argument, 0, 'v'},
+                                       {"stages", required_argument, 0, 'S'},
+                                       {"stage-threads", required_argument, 0, 'T'},
+                                       {"stage-cpus", required_argument, 0, 'C'},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
     *o = (opts_t){.reps = 3,
@@ -128,7 +144,9 @@ static int parse(int argc, char **argv, opts_t *o) {
                   .lens = {128, 512, 2048},
                   .n_lens = 3,
                   .chunks = {64, 128, 256, 512},
-                  .n_chunks = 4};
+                  .n_chunks = 4,
+                  .procs = 1,
+                  .threads = {2, 1, 2}};
     int set_lens = 0, set_chunks = 0, set_reps = 0, c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
@@ -178,6 +196,30 @@ static int parse(int argc, char **argv, opts_t *o) {
             break;
         case 'v':
             o->verbose = 1;
+            break;
+        case 'S':
+            if (strcmp(optarg, "procs") && strcmp(optarg, "threads")) {
+                fprintf(stderr, "kvpred bench handoff: --stages is procs or threads, not '%s'\n",
+                        optarg);
+                return 2;
+            }
+            o->procs = !strcmp(optarg, "procs");
+            break;
+        case 'T':
+            if (kvp_cpus_parse_threads3(optarg, o->threads)) {
+                fprintf(stderr, "kvpred bench handoff: --stage-threads wants N or A,P,D with "
+                                "each in [1, 1024], not '%s'\n",
+                        optarg);
+                return 2;
+            }
+            break;
+        case 'C':
+            if (kvp_cpus_parse_lists3(optarg, o->cpus_buf, sizeof o->cpus_buf, o->cpus)) {
+                fprintf(stderr, "kvpred bench handoff: --stage-cpus wants a CPU list (0-1 or "
+                                "0,2) or three of them as LA/LP/LD, not '%s'\n",
+                        optarg);
+                return 2;
+            }
             break;
         case 'h':
             usage(stdout);
@@ -293,144 +335,6 @@ static int bytelevel_tokenizer(kvp_tokenizer_t **tok, kvp_err_t *err) {
     kvp_gguf_writer_free(&w);
     unlink(path);
     return rc;
-}
-
-/* ---- the pipeline as threads ---------------------------------------------- */
-
-typedef struct {
-    atomic_int stop;
-    atomic_int ready[3];
-    kvp_aux_cfg_t aux;
-    kvp_pred_cfg_t pred;
-    kvp_dec_cfg_t dec;
-    pthread_t th[3];
-    int started[3];
-    int rc[3];
-    kvp_err_t err[3];
-    char ep[3][64];
-    FILE *log;
-} stages_t;
-
-static void *run_aux(void *arg) {
-    stages_t *s = arg;
-    s->rc[0] = kvp_svc_aux_run(&s->aux, &s->err[0]);
-    return NULL;
-}
-static void *run_pred(void *arg) {
-    stages_t *s = arg;
-    s->rc[1] = kvp_svc_pred_run(&s->pred, &s->err[1]);
-    return NULL;
-}
-static void *run_dec(void *arg) {
-    stages_t *s = arg;
-    s->rc[2] = kvp_svc_dec_run(&s->dec, &s->err[2]);
-    return NULL;
-}
-
-/* Three distinct free tcp ports on loopback: bound to port 0 together (so the
- * kernel gives three different ones), read back, closed. Another program could
- * take one before a stage binds it; the stage would then fail with the port
- * named, and --port picks them by hand. */
-static int free_ports(int ports[3], kvp_err_t *err) {
-    int fds[3] = {-1, -1, -1}, rc = KVP_OK;
-    for (int i = 0; i < 3 && !rc; i++) {
-        struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = 0};
-        a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-        socklen_t len = sizeof a;
-        fds[i] = socket(AF_INET, SOCK_STREAM, 0);
-        if (fds[i] < 0 || bind(fds[i], (struct sockaddr *)&a, sizeof a) ||
-            getsockname(fds[i], (struct sockaddr *)&a, &len))
-            rc = kvp_err_set(err, KVP_EIO, "cannot find a free tcp port on 127.0.0.1");
-        else
-            ports[i] = ntohs(a.sin_port);
-    }
-    for (int i = 0; i < 3; i++)
-        if (fds[i] >= 0) close(fds[i]);
-    return rc;
-}
-
-static void stage_common(stages_t *s, kvp_svc_common_t *c, const opts_t *o, int max_chunk, int i) {
-    kvp_svc_common_init(c);
-    c->zmq_ctx = NULL; /* each stage its own context, as separate processes */
-    c->stop = &s->stop;
-    c->ready = &s->ready[i];
-    c->log = s->log;
-    c->verbose = o->verbose;
-    c->dtype = o->dtype;
-    c->max_chunk_tokens = max_chunk > c->max_chunk_tokens ? max_chunk : c->max_chunk_tokens;
-    /* the in-process runs between requests keep every core busy for seconds:
-     * a stage must not declare its peer dead meanwhile */
-    c->peer_timeout = 30.0;
-}
-
-static void stages_stop(stages_t *s);
-
-static int stages_start(stages_t *s, const opts_t *o, const kvp_model_t *aux,
-                        const kvp_model_t *base, const kvp_predictor_t *p,
-                        const kvp_tokenizer_t *tok, kvp_err_t *err) {
-    memset(s, 0, sizeof *s);
-    atomic_init(&s->stop, 0);
-    for (int i = 0; i < 3; i++)
-        atomic_init(&s->ready[i], 0);
-    s->log = o->verbose ? stderr : tmpfile();
-    if (!s->log) return kvp_err_set(err, KVP_EIO, "cannot create a log file for the stages");
-    int ports[3] = {o->port, o->port + 1, o->port + 2};
-    int rc = o->port ? KVP_OK : free_ports(ports, err);
-    if (rc) return rc;
-    for (int i = 0; i < 3; i++)
-        snprintf(s->ep[i], sizeof s->ep[i], "tcp://127.0.0.1:%d", ports[i]);
-    int max_chunk = 0;
-    for (int i = 0; i < o->n_chunks; i++)
-        if (o->chunks[i] > max_chunk) max_chunk = o->chunks[i];
-    stage_common(s, &s->aux.c, o, max_chunk, 0);
-    s->aux.listen = s->ep[0];
-    s->aux.downstream = s->ep[1];
-    s->aux.model = aux;
-    s->aux.tok = tok;
-    s->aux.chunk_tokens = 128;
-    stage_common(s, &s->pred.c, o, max_chunk, 1);
-    s->pred.listen = s->ep[1];
-    s->pred.downstream = s->ep[2];
-    s->pred.pred = p;
-    stage_common(s, &s->dec.c, o, max_chunk, 2);
-    s->dec.listen = s->ep[2];
-    s->dec.model = base;
-    s->dec.tok = tok;
-    void *(*fn[3])(void *) = {run_aux, run_pred, run_dec};
-    for (int i = 2; i >= 0; i--) /* downstream first, so every link finds its peer */
-        if (pthread_create(&s->th[i], NULL, fn[i], s) == 0) s->started[i] = 1;
-    static const char *const names[3] = {"aux-prefill", "predictor", "decoder"};
-    /* a stage that fails to set up (a port taken) ends its thread at once */
-    double end = kvp_now() + 30.0;
-    for (int i = 0; i < 3; i++) {
-        if (!s->started[i]) {
-            rc = kvp_err_set(err, KVP_EIO, "cannot start the %s thread", names[i]);
-            break;
-        }
-        while (!atomic_load(&s->ready[i]) && !s->rc[i] && kvp_now() < end)
-            usleep(1000);
-        if (!atomic_load(&s->ready[i])) {
-            rc = kvp_err_set(err, s->rc[i] ? s->rc[i] : KVP_ETIMEOUT, "%s on %s: %s", names[i],
-                             s->ep[i], s->rc[i] ? s->err[i].msg : "did not come up within 30 s");
-            break;
-        }
-    }
-    if (rc) stages_stop(s);
-    return rc;
-}
-
-/* Sets the stop flag, joins the threads (each ends its loop within 100 ms)
- * and closes the log. */
-static void stages_stop(stages_t *s) {
-    atomic_store(&s->stop, 1);
-    for (int i = 0; i < 3; i++)
-        if (s->started[i]) {
-            pthread_join(s->th[i], NULL);
-            s->started[i] = 0;
-            if (s->rc[i]) fprintf(stderr, "kvpred bench handoff: stage %d: %s\n", i, s->err[i].msg);
-        }
-    if (s->log && s->log != stderr) fclose(s->log);
-    s->log = NULL;
 }
 
 /* ---- raw libzmq ------------------------------------------------------------ */
@@ -951,7 +855,19 @@ static void write_json(const opts_t *o, const row_t *rows, int n_rows, const goa
     kvp_json_int(&j, "blas_threads", kvp_blas_threads());
     kvp_json_int(&j, "cores", cores);
     kvp_json_num(&j, "load_avg_1min", load);
-    kvp_json_str(&j, "transport", "tcp://127.0.0.1, stages as threads, a zmq context each");
+    kvp_json_str(&j, "transport", "tcp://127.0.0.1, a zmq context per stage");
+    kvp_json_str(&j, "stages", o->procs ? "processes" : "threads");
+    static const char *const stage_key[3] = {"aux", "predictor", "decoder"};
+    kvp_json_obj(&j, "stage_threads"); /* 0: the library's default */
+    for (int i = 0; i < 3; i++)
+        kvp_json_int(&j, stage_key[i], o->procs ? o->threads[i] : kvp_blas_threads());
+    kvp_json_close_obj(&j);
+    if (o->cpus[0]) {
+        kvp_json_obj(&j, "stage_cpus");
+        for (int i = 0; i < 3; i++)
+            kvp_json_str(&j, stage_key[i], o->cpus[i]);
+        kvp_json_close_obj(&j);
+    }
     kvp_json_str(&j, "dtype", o->dtype == KVPRED__DTYPE__DTYPE_F16 ? "f16" : "f32");
     kvp_json_int(&j, "reps", o->reps);
     kvp_json_str(&j, "weights", o->aux ? "files" : o->small ? "random-small" : "random");
@@ -1015,6 +931,45 @@ static void write_json(const opts_t *o, const row_t *rows, int n_rows, const goa
     fclose(f);
 }
 
+/* ---- the stages ------------------------------------------------------------ */
+
+static int start_stages(const opts_t *o, const kvp_model_t *aux, const kvp_model_t *base,
+                        const kvp_predictor_t *p, const kvp_tokenizer_t *tok,
+                        kvp_bench_stages_t **st, kvp_err_t *err) {
+    kvp_bench_stages_opts_t so = {.procs = o->procs, .port = o->port, .dtype = o->dtype,
+                                  .verbose = o->verbose};
+    for (int i = 0; i < KVP_BSTAGES; i++) {
+        so.threads[i] = o->threads[i];
+        so.cpus[i] = o->cpus[i];
+    }
+    for (int i = 0; i < o->n_chunks; i++)
+        if (o->chunks[i] > so.max_chunk) so.max_chunk = o->chunks[i];
+    return kvp_bench_stages_start(st, &so, aux, base, p, tok, err);
+}
+
+static void print_stages(const opts_t *o, const kvp_bench_stages_t *st, long cores,
+                         double load) {
+    if (o->procs) {
+        printf("stages run as 3 processes on %ld cores (load average %.2f at start); "
+               "OpenBLAS threads aux/pred/dec",
+               cores, load);
+        for (int i = 0; i < KVP_BSTAGES; i++)
+            if (o->threads[i])
+                printf("%c%d", i ? '/' : ' ', o->threads[i]);
+            else
+                printf("%cdefault", i ? '/' : ' ');
+        if (o->cpus[0]) printf(", CPUs %s/%s/%s", o->cpus[0], o->cpus[1], o->cpus[2]);
+        printf("\n");
+    } else {
+        printf("stages run as threads of this process on %ld cores (load average %.2f at "
+               "start), sharing its OpenBLAS pool\n",
+               cores, load);
+    }
+    printf("tcp %s %s %s, K/V %s, best of %d\n", kvp_bench_stages_endpoint(st, 0),
+           kvp_bench_stages_endpoint(st, 1), kvp_bench_stages_endpoint(st, 2),
+           o->dtype == KVPRED__DTYPE__DTYPE_F16 ? "f16" : "f32", o->reps);
+}
+
 int kvp_bench_handoff(int argc, char **argv) {
     opts_t o;
     int prc = parse(argc, argv, &o);
@@ -1024,8 +979,8 @@ int kvp_bench_handoff(int argc, char **argv) {
     kvp_predictor_t *p = NULL;
     kvp_tokenizer_t *tok = NULL;
     void *cl_ctx = NULL; /* the client's own ZeroMQ context */
-    stages_t st;
-    int stages_up = 0, n_rows = 0, tag = 0, longest = 0;
+    kvp_bench_stages_t *st = NULL;
+    int n_rows = 0, tag = 0, longest = 0;
     row_t *rows = calloc((size_t)o.n_lens * o.n_chunks, sizeof *rows);
     int32_t *toks = NULL;
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
@@ -1051,9 +1006,8 @@ int kvp_bench_handoff(int argc, char **argv) {
         for (int i = 0; i < longest; i++)
             toks[i] = (int32_t)kvp_rng_below(&r, (uint64_t)below);
     }
-    if (!rc) rc = stages_start(&st, &o, aux, base, p, tok, &err);
+    if (!rc) rc = start_stages(&o, aux, base, p, tok, &st, &err);
     if (!rc) {
-        stages_up = 1;
         cl_ctx = zmq_ctx_new();
         rc = cl_ctx ? KVP_OK : kvp_err_set(&err, KVP_EIO, "cannot create a ZeroMQ context");
     }
@@ -1063,10 +1017,7 @@ int kvp_bench_handoff(int argc, char **argv) {
         printf("base %.1fM params (%d layers, d %d), aux %.1fM params (%d layers, d %d)%s\n",
                base->n_params / 1e6, base->cfg.n_layer, base->cfg.n_embd, aux->n_params / 1e6,
                aux->cfg.n_layer, aux->cfg.n_embd, o.aux ? "" : ", random weights");
-        printf("stages run as threads of this process on %ld cores (load average %.2f at "
-               "start), tcp %s %s %s, K/V %s, best of %d\n",
-               cores, load[0], st.ep[0], st.ep[1], st.ep[2],
-               o.dtype == KVPRED__DTYPE__DTYPE_F16 ? "f16" : "f32", o.reps);
+        print_stages(&o, st, cores, load[0]);
         printf("handoff bound = one chunk's raw libzmq one-way time, aux and base legs, + 1 ms; "
                "wire and raw GB/s per leg as aux/base\n\n");
         printf("%6s %5s %8s %8s %6s %8s %8s %7s %11s %11s %9s %6s %6s %6s\n", "prompt", "chunk",
@@ -1080,7 +1031,7 @@ int kvp_bench_handoff(int argc, char **argv) {
         rc = measure_base(&o, base, toks, o.lens[i], &base_s, &err);
         for (int c = 0; !rc && c < o.n_chunks; c++) {
             row_t *r = &rows[n_rows];
-            rc = measure_row(&o, aux, base, p, cl_ctx, st.ep[0], toks, o.lens[i], o.chunks[c], &tag,
+            rc = measure_row(&o, aux, base, p, cl_ctx, kvp_bench_stages_endpoint(st, KVP_BSTAGE_AUX), toks, o.lens[i], o.chunks[c], &tag,
                              r, &err);
             if (rc) break;
             r->base_s = base_s;
@@ -1103,7 +1054,7 @@ int kvp_bench_handoff(int argc, char **argv) {
     else if (o.json)
         write_json(&o, rows, n_rows, g, longest, aux, base, cores, load[0]);
     if (cl_ctx) zmq_ctx_term(cl_ctx);
-    if (stages_up) stages_stop(&st);
+    kvp_bench_stages_stop(&st);
     free(rows);
     free(toks);
     kvp_tokenizer_free(&tok);

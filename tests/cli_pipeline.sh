@@ -70,14 +70,24 @@ grep -q "max |sum - TTFT| = 0 ns" trace.out && ok || bad "parts do not sum to TT
 python3 -c 'import json,sys; json.load(open(sys.argv[1]))' trace.json 2>/dev/null && ok || bad "trace.json is not JSON"
 
 # ---- ipc
-"$KVPRED" up --aux base.gguf --base base.gguf --identity --transport ipc --ready-file ready.ipc >up-ipc.log 2>&1 &
+# (its stages with per-stage BLAS threads and pinned to CPU 0)
+"$KVPRED" up --aux base.gguf --base base.gguf --identity --transport ipc --ready-file ready.ipc \
+  --threads 1,1,2 --cpus 0 >up-ipc.log 2>&1 &
 up=$!
 pids+=("$up")
 if wait_ready ready.ipc "$up"; then ok; else bad "kvpred up (ipc) did not come up: $(cat up-ipc.log)"; fi
+pp=$(awk '$1 == "predictor" {print $3}' up-ipc.log)
+grep -q "^Cpus_allowed_list:[[:space:]]*0$" "/proc/$pp/status" 2>/dev/null && ok \
+  || bad "predictor (pid '$pp') not pinned to CPU 0: $(grep Cpus_allowed_list "/proc/$pp/status" 2>&1)"
 IPC=$(cat ready.ipc)
 want=$("$KVPRED" generate --aux base.gguf --base base.gguf --predictor identity -p "import os" -n 24 --greedy --ignore-eos 2>/dev/null)
 got=$("$KVPRED" client -e "$IPC" -p "import os" -n 24 --greedy 2>&1)
 [ "$got" = "$want" ] && ok || bad "ipc: '$got' != '$want'"
+# bad per-stage settings are refused before anything starts
+"$KVPRED" up --threads 1,2 >bad-up.log 2>&1; rc=$?
+[ "$rc" -eq 2 ] && grep -q -- "--threads wants" bad-up.log && ok || bad "up --threads 1,2: rc $rc $(cat bad-up.log)"
+"$(dirname "$KVPRED")/kvpred-predictor" --identity base.gguf --cpus 2-1 >bad-cpus.log 2>&1; rc=$?
+[ "$rc" -eq 2 ] && grep -q "is not a CPU list" bad-cpus.log && ok || bad "predictor --cpus 2-1: rc $rc $(cat bad-cpus.log)"
 # a dead stage takes kvpred up down, named
 dec=$(awk '$1 == "decoder" {print $3}' up-ipc.log)
 kill -9 "$dec"

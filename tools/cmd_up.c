@@ -17,13 +17,17 @@
 
 #include "kvp_client.h"
 #include "kvp_cmds.h"
+#include "kvp_cpus.h"
 #include "kvp_svc.h"
 #include "kvp_time.h"
 #include "kvp_tool_util.h"
 
 typedef struct {
     const char *dir, *aux, *base, *predictor, *transport, *trace_dir, *dtype, *ready_file;
-    int port, chunk, identity, verbose, max_requests, threads;
+    int port, chunk, identity, verbose, max_requests;
+    int threads[3];      /* per stage; 0: the stage's default */
+    const char *cpus[3]; /* per stage; NULL: any CPU */
+    char cpus_buf[128];
     char ep[3][320];
 } up_opts_t;
 
@@ -43,7 +47,9 @@ static void usage(FILE *f) {
                "  --dtype f32|f16     K/V on the wire (default f32)\n"
                "  --chunk N           prompt tokens per chunk (default 128)\n"
                "  --max-requests N    requests in flight per stage (default 8)\n"
-               "  --threads N         OpenBLAS threads per stage (default: the stages' own)\n"
+               "  --threads N|A,P,D   OpenBLAS threads of every stage, or of aux-prefill,\n"
+               "                      predictor, decoder (default: one per core each)\n"
+               "  --cpus L|LA/LP/LD   pin every stage, or each, to a CPU list (e.g. 0-1/1/0-1)\n"
                "  --ready-file F      write aux-prefill's endpoint to F once the pipeline answers\n"
                "  --verbose           stages log every request\n");
 }
@@ -63,6 +69,7 @@ static int parse(int argc, char **argv, up_opts_t *o) {
                                        {"ready-file", required_argument, 0, 'r'},
                                        {"verbose", no_argument, 0, 'v'},
                                        {"threads", required_argument, 0, 'n'},
+                                       {"cpus", required_argument, 0, 'C'},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
     memset(o, 0, sizeof *o);
@@ -114,7 +121,19 @@ static int parse(int argc, char **argv, up_opts_t *o) {
             o->ready_file = optarg;
             break;
         case 'n':
-            bad = kvp_parse_int("--threads", optarg, 1, 1024, &o->threads);
+            if (kvp_cpus_parse_threads3(optarg, o->threads)) {
+                fprintf(stderr, "kvpred up: --threads wants N or A,P,D in [1, 1024], not '%s'\n",
+                        optarg);
+                bad = 1;
+            }
+            break;
+        case 'C':
+            if (kvp_cpus_parse_lists3(optarg, o->cpus_buf, sizeof o->cpus_buf, o->cpus)) {
+                fprintf(stderr, "kvpred up: --cpus wants a CPU list (0-1, 0,2) or three as "
+                                "LA/LP/LD, not '%s'\n",
+                        optarg);
+                bad = 1;
+            }
             break;
         case 'v':
             o->verbose = 1;
@@ -216,8 +235,9 @@ int kvp_cmd_up(int argc, char **argv) {
             snprintf(o.ep[i], sizeof o.ep[i], "ipc:///tmp/kvpred-%d-%s.sock", (int)getuid(),
                      STAGES[i]);
     }
-    char traces[3][PATH_MAX], chunk[16], maxr[16], threads[16];
-    snprintf(threads, sizeof threads, "%d", o.threads);
+    char traces[3][PATH_MAX], chunk[16], maxr[16], threads[3][16];
+    for (int i = 0; i < 3; i++)
+        snprintf(threads[i], sizeof threads[i], "%d", o.threads[i]);
     snprintf(chunk, sizeof chunk, "%d", o.chunk);
     snprintf(maxr, sizeof maxr, "%d", o.max_requests);
     for (int i = 0; i < 3; i++)
@@ -255,6 +275,14 @@ int kvp_cmd_up(int argc, char **argv) {
             args[i][k++] = traces[i];
         }
         if (o.verbose) args[i][k++] = "--verbose";
+        if (o.threads[i]) {
+            args[i][k++] = "--threads";
+            args[i][k++] = threads[i];
+        }
+        if (o.cpus[i]) {
+            args[i][k++] = "--cpus";
+            args[i][k++] = (char *)o.cpus[i];
+        }
         args[i][k] = NULL;
     }
     pid_t pids[3] = {0, 0, 0};

@@ -7,6 +7,7 @@
 
 #include <cblas.h>
 
+#include "kvp_cpus.h"
 #include "kvpred.pb-c.h"
 
 const char KVP_SERVICE_COMMON_HELP[] =
@@ -25,7 +26,8 @@ const char KVP_SERVICE_COMMON_HELP[] =
     "  --curve-server-key F  the downstream stage's public key (encrypts that link)\n"
     "  --verbose             log every request\n"
     "  --threads N           OpenBLAS threads of this stage (default: one per core; stages\n"
-    "                        sharing a small machine run best with fewer)\n";
+    "                        sharing a small machine run best with fewer)\n"
+    "  --cpus LIST           pin this stage to CPUs, e.g. 0-3 or 0,2 (default: any)\n";
 
 static atomic_int *g_stop; /* the one global: signal handlers reach nothing else */
 
@@ -116,9 +118,30 @@ int kvp_service_opt(kvp_service_opts_t *o, int code, const char *arg, const char
     case 1014:
         o->c.verbose = 1;
         return 1;
+    case 1015:
+        return parse_int(prog, "threads", arg, 1, 1024, &o->threads);
+    case 1016: {
+        kvp_err_t err = {0};
+        if (kvp_cpus_check(arg, &err)) {
+            fprintf(stderr, "%s: --cpus: %s\n", prog, err.msg);
+            return -1;
+        }
+        o->cpus = arg;
+        return 1;
+    }
     default:
         return 0;
     }
+}
+
+int kvp_service_cpu(const kvp_service_opts_t *o, const char *prog) {
+    kvp_err_t err = {0};
+    if (o->cpus && kvp_cpus_pin_process(o->cpus, &err)) {
+        fprintf(stderr, "%s: %s\n", prog, err.msg);
+        return -1;
+    }
+    if (o->threads > 0) openblas_set_num_threads(o->threads);
+    return 0;
 }
 
 int kvp_service_curve(kvp_service_opts_t *o, const char *prog) {

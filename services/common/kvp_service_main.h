@@ -14,6 +14,8 @@ typedef struct kvp_service_opts {
     const char *listen, *downstream;
     kvp_link_curve_t curve_server, curve_client;
     const char *curve_public, *curve_secret, *curve_server_key;
+    int threads;      /* OpenBLAS threads (0: the library's default) */
+    const char *cpus; /* CPU list to pin the stage to (NULL: any) */
 } kvp_service_opts_t;
 
 /* The common long options, to append to a stage's own (codes 1000+). */
@@ -25,8 +27,9 @@ typedef struct kvp_service_opts {
         {"ping-ms", required_argument, 0, 1008}, {"peer-timeout-ms", required_argument, 0, 1009},  \
         {"bind-any", no_argument, 0, 1010}, {"curve-public", required_argument, 0, 1011},          \
         {"curve-secret", required_argument, 0, 1012},                                              \
-        {"curve-server-key", required_argument, 0, 1013}, {                                        \
-        "verbose", no_argument, 0, 1014                                                            \
+        {"curve-server-key", required_argument, 0, 1013}, {"verbose", no_argument, 0, 1014},       \
+        {"threads", required_argument, 0, 1015}, {                                                 \
+        "cpus", required_argument, 0, 1016                                                         \
     }
 
 extern const char KVP_SERVICE_COMMON_HELP[];
@@ -36,6 +39,9 @@ void kvp_service_opts_init(kvp_service_opts_t *o, atomic_int *stop);
 int kvp_service_opt(kvp_service_opts_t *o, int code, const char *arg, const char *prog);
 /* Loads CurveZMQ keys named by the options. */
 int kvp_service_curve(kvp_service_opts_t *o, const char *prog);
+/* Pins the stage to --cpus and sizes its OpenBLAS pool to --threads; call
+ * after parsing, before the stage starts. */
+int kvp_service_cpu(const kvp_service_opts_t *o, const char *prog);
 /* SIGINT / SIGTERM set *stop. */
 void kvp_service_signals(atomic_int *stop);
 

@@ -55,6 +55,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (kvp_service_curve(&o, "kvpred-decoder")) return 2;
+    if (kvp_service_cpu(&o, "kvpred-decoder")) return 2;
     kvp_err_t err = {0};
     kvp_bundle_t b;
     int rc = kvp_bundle_load(model_path, &b, &err);

@@ -48,6 +48,7 @@ int main(int argc, char **argv) {
         return 2;
     }
     if (kvp_service_curve(&o, "kvpred-predictor")) return 2;
+    if (kvp_service_cpu(&o, "kvpred-predictor")) return 2;
     kvp_err_t err = {0};
     kvp_predictor_t *p = NULL;
     int rc;
