@@ -175,6 +175,10 @@ static void softmax_matches_reference(void **state) {
     (void)state;
     float *x = rand_buf(257, -8.0f, 8.0f);
     check_softmax("softmax random", x, 257);
+    /* the max and the sum run in 16 lanes plus a tail: the edges of both */
+    const int lens[] = {1, 15, 16, 17, 32, 33};
+    for (size_t i = 0; i < sizeof lens / sizeof *lens; i++)
+        check_softmax("softmax lanes", x + 7, lens[i]);
     free(x);
 }
 
