@@ -102,8 +102,8 @@ static void usage(FILE *f) {
         "  the same messages.\n"
         "  --stages procs (default): each stage a forked process with its own OpenBLAS\n"
         "  pool, as kvpred up runs them; threads: threads of this process, one pool.\n"
-        "  --stage-threads: OpenBLAS threads of each stage process (default 2,1,2 on a\n"
-        "  machine with 2 or more cores: the predictor's maps overlap the aux prefill).\n"
+        "  --stage-threads: OpenBLAS threads of each stage process (default: one per\n"
+        "  core each, which measured best on 2 cores against 2,1,2 and 1,1,2 pinned).\n"
         "  --stage-cpus: pin each stage process to a CPU list, e.g. 0-1/1/0-1.\n"
         "  Without model files: random weights of a 110M base (12 layers, d 768) and a\n"
         "  4-layer d 384 aux; --small: base 2 layers d 128, aux 1 layer d 64, vocab 512.\n"
@@ -145,8 +145,7 @@ static int parse(int argc, char **argv, opts_t *o) {
                   .n_lens = 3,
                   .chunks = {64, 128, 256, 512},
                   .n_chunks = 4,
-                  .procs = 1,
-                  .threads = {2, 1, 2}};
+                  .procs = 1};
     int set_lens = 0, set_chunks = 0, set_reps = 0, c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
@@ -599,6 +598,14 @@ static int pipe_request(void *cl_ctx, const char *endpoint, const int32_t *toks,
     return rc;
 }
 
+/* OpenBLAS's idle threads spin (yielding) for about 2^28 cycles after their
+ * last call before they sleep: whatever ran just before — the stages' pools
+ * after a pipeline request, ours after an in-process run — would otherwise
+ * compete for the cores with the next measurement for ~0.1 s. */
+static void settle(void) {
+    usleep(300 * 1000);
+}
+
 static double best(const double *v, int n) {
     double b = v[0];
     for (int i = 1; i < n; i++)
@@ -636,6 +643,7 @@ static int measure_row(const opts_t *o, const kvp_model_t *aux, const kvp_model_
         int i = rep ? rep - 1 : 0; /* the warm-up's figures are overwritten */
         cache->len = 0;
         kvp_kvp_stats_t st = {0};
+        settle();
         rc = kvp_kvp_prefill(actx, bctx, p, cache, toks, n, chunk, logits, &st, err);
         kvp_argmax(logits, base->cfg.n_vocab);
         kvp_t[i] = st.t_first;
@@ -647,6 +655,7 @@ static int measure_row(const opts_t *o, const kvp_model_t *aux, const kvp_model_
         memset(&res, 0, sizeof res);
         kvp_trace_req_t tr;
         memset(&tr, 0, sizeof tr);
+        settle();
         rc = pipe_request(cl_ctx, endpoint, toks, n, chunk, (*tag)++, &res, &tr, err);
         if (!rc) {
             pipe_t[i] = tr.ttft_ns * 1e-9;
@@ -721,6 +730,7 @@ static int measure_base(const opts_t *o, const kvp_model_t *base, const int32_t 
     *out = 1e30;
     for (int rep = 0; !rc && rep <= o->reps; rep++) {
         cache->len = 0;
+        settle();
         double t0 = kvp_now();
         rc = kvp_model_forward(ctx, cache, toks, n, logits, KVP_LOGITS_LAST, err);
         kvp_argmax(logits, base->cfg.n_vocab);

@@ -64,7 +64,7 @@ for r in rows:
         x = r[leg]
         assert x["oneway_gbps"] > 0 and x["stream_gbps"] > 0 and x["message_bytes"] > 0, x
 assert j["stages"] == "processes", j["stages"]
-assert j["stage_threads"] == {"aux": 2, "predictor": 1, "decoder": 2}, j["stage_threads"]
+assert j["stage_threads"] == {"aux": 0, "predictor": 0, "decoder": 0}, j["stage_threads"]
 g = j["goals"]
 for k in ("pipeline_ttft_within_5pct", "handoff_within_bound", "wire_at_90pct_of_raw",
           "speedup_at_90pct_of_flops"):
