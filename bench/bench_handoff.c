@@ -53,6 +53,7 @@ typedef struct {
     const char *aux, *base, *predictor, *json;
     int reps, port, dtype, small, quick, verbose;
     int procs;              /* stages as forked processes (default) or threads */
+    int credits;            /* the decoder's credits per request (0: its default, 4) */
     int threads[3];         /* OpenBLAS threads per stage; 0: the library's default */
     const char *cpus[3];    /* CPU list per stage (processes only) */
     char cpus_buf[128];
@@ -96,7 +97,7 @@ static void usage(FILE *f) {
         "                            [--lens 128,512,2048] [--chunks 64,128,256,512] [--reps R]\n"
         "                            [--dtype f32|f16] [--port P] [--quick] [--json FILE]\n"
         "                            [--stages procs|threads] [--stage-threads N|A,P,D]\n"
-        "                            [--stage-cpus L|LA/LP/LD]\n"
+        "                            [--stage-cpus L|LA/LP/LD] [--credits N]\n"
         "  Runs aux-prefill, predictor and decoder over tcp loopback and compares their\n"
         "  TTFT and KV transfer with in-process KV Prediction and with raw libzmq moving\n"
         "  the same messages.\n"
@@ -105,6 +106,8 @@ static void usage(FILE *f) {
         "  --stage-threads: OpenBLAS threads of each stage process (default: one per\n"
         "  core each, which measured best on 2 cores against 2,1,2 and 1,1,2 pinned).\n"
         "  --stage-cpus: pin each stage process to a CPU list, e.g. 0-1/1/0-1.\n"
+        "  --credits N: chunks in flight per request (the decoder's --credits, default\n"
+        "  4); 1 runs the stages in lock-step, which suits stages sharing few cores.\n"
         "  Without model files: random weights of a 110M base (12 layers, d 768) and a\n"
         "  4-layer d 384 aux; --small: base 2 layers d 128, aux 1 layer d 64, vocab 512.\n"
         "  --port P: stages on P, P+1, P+2 (default: free ports picked at start).\n"
@@ -137,6 +140,7 @@ static int parse(int argc, char **argv, opts_t *o) {
                                        {"stages", required_argument, 0, 'S'},
                                        {"stage-threads", required_argument, 0, 'T'},
                                        {"stage-cpus", required_argument, 0, 'C'},
+                                       {"credits", required_argument, 0, 'K'},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
     *o = (opts_t){.reps = 3,
@@ -209,6 +213,13 @@ static int parse(int argc, char **argv, opts_t *o) {
                 fprintf(stderr, "kvpred bench handoff: --stage-threads wants N or A,P,D with "
                                 "each in [1, 1024], not '%s'\n",
                         optarg);
+                return 2;
+            }
+            break;
+        case 'K':
+            o->credits = atoi(optarg);
+            if (o->credits < 1 || o->credits > 64) {
+                fprintf(stderr, "kvpred bench handoff: --credits is in [1, 64]\n");
                 return 2;
             }
             break;
@@ -947,7 +958,7 @@ static int start_stages(const opts_t *o, const kvp_model_t *aux, const kvp_model
                         const kvp_predictor_t *p, const kvp_tokenizer_t *tok,
                         kvp_bench_stages_t **st, kvp_err_t *err) {
     kvp_bench_stages_opts_t so = {.procs = o->procs, .port = o->port, .dtype = o->dtype,
-                                  .verbose = o->verbose};
+                                  .verbose = o->verbose, .credits = o->credits};
     for (int i = 0; i < KVP_BSTAGES; i++) {
         so.threads[i] = o->threads[i];
         so.cpus[i] = o->cpus[i];

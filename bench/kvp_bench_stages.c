@@ -148,6 +148,7 @@ static void configure(kvp_bench_stages_t *s, const kvp_model_t *aux, const kvp_m
     s->dec.listen = s->ep[KVP_BSTAGE_DEC];
     s->dec.model = base;
     s->dec.tok = tok;
+    s->dec.credits = s->o.credits;
 }
 
 /* Whether stage i is gone: its loop returned, or (forked) its process died. */

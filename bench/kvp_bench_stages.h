@@ -27,6 +27,7 @@ typedef struct kvp_bench_stages_opts {
     int port;                    /* stages on port, port+1, port+2; 0: free ports */
     int dtype;                   /* KVPRED__DTYPE__* on the wire */
     int max_chunk;               /* the largest chunk a request will name */
+    int credits;                 /* chunks in flight per request (decoder's grant; 0: its default) */
     int verbose;                 /* stage log lines on stderr */
 } kvp_bench_stages_opts_t;
 
