@@ -79,8 +79,9 @@ typedef struct entry {
 } entry_t;
 
 typedef struct opts {
-    const char *base, *out, *corpus, *ext;
-    int holdout, fit_ctx, quick, no_plot;
+    const char *base, *out;
+    kvp_tool_corpus_t corpus;
+    int fit_ctx, quick, no_plot;
     uint64_t fit_tokens;
     float goal_gap;
     entry_t e[MAX_ENTRIES];
@@ -97,9 +98,6 @@ enum {
     OPT_PRED,
     OPT_TRAINED,
     OPT_BASELINE,
-    OPT_CORPUS,
-    OPT_EXT,
-    OPT_HOLDOUT,
     OPT_PROMPTS,
     OPT_PLEN,
     OPT_CONT,
@@ -118,12 +116,6 @@ enum {
     OPT_NO_PLOT
 };
 
-static char *join(const char *a, const char *b) {
-    char *s = malloc(strlen(a) + strlen(b) + 1);
-    if (s) strcpy(s, a), strcat(s, b);
-    return s;
-}
-
 static int add_entry(opts_t *o, entry_kind_t kind, const char *arg) {
     if (o->n_e == MAX_ENTRIES) {
         fprintf(stderr, "kvpred eval: at most %d models besides the base\n", MAX_ENTRIES);
@@ -133,15 +125,16 @@ static int add_entry(opts_t *o, entry_kind_t kind, const char *arg) {
     memset(e, 0, sizeof *e);
     e->kind = kind;
     if (kind != ENTRY_TRAINED) return e->path = arg, 0;
-    e->own_path = join(arg, "-aux.gguf");
-    e->own_pred = join(arg, "-predictor.gguf");
+    e->own_path = kvp_tool_derive_path(arg, NULL, "-aux.gguf");
+    e->own_pred = kvp_tool_derive_path(arg, NULL, "-predictor.gguf");
     e->path = e->own_path, e->pred_path = e->own_pred;
     const char *b = strrchr(arg, '/');
     snprintf(e->label, sizeof e->label, "%s", b ? b + 1 : arg);
     return e->own_path && e->own_pred ? 0 : -1;
 }
 
-static int parse_one(int c, opts_t *o) {
+static int parse_one(int c, void *opts) {
+    opts_t *o = opts;
     kvp_eval_opts_t *e = &o->eo;
     switch (c) {
     case OPT_BASE:
@@ -163,12 +156,10 @@ static int parse_one(int c, opts_t *o) {
         return o->e[o->n_e - 1].pred_path = optarg, 0;
     case 'o':
         return o->out = optarg, 0;
-    case OPT_CORPUS:
-        return o->corpus = optarg, 0;
-    case OPT_EXT:
-        return o->ext = optarg, 0;
-    case OPT_HOLDOUT:
-        return kvp_parse_int("--holdout", optarg, 1, 33, &o->holdout);
+    case KVP_TOOL_OPT_CORPUS:
+    case KVP_TOOL_OPT_EXT:
+    case KVP_TOOL_OPT_HOLDOUT:
+        return kvp_tool_corpus_flag(&o->corpus, "kvpred eval", c, optarg);
     case OPT_PROMPTS:
         return kvp_parse_int("--prompts", optarg, 1, 1 << 20, &e->n_prompts);
     case OPT_PLEN:
@@ -192,10 +183,7 @@ static int parse_one(int c, opts_t *o) {
     case OPT_REPS:
         return kvp_parse_int("--ttft-reps", optarg, 1, 1000, &e->ttft_reps);
     case OPT_FIT_TOKENS:
-        if (kvp_parse_u64("--fit-tokens", optarg, &o->fit_tokens)) return -1;
-        if (o->fit_tokens >= 1 && o->fit_tokens <= ((uint64_t)1 << 32)) return 0;
-        fprintf(stderr, "kvpred eval: --fit-tokens: '%s' is not in [1, 2^32]\n", optarg);
-        return -1;
+        return kvp_parse_count("kvpred eval", "--fit-tokens", optarg, 32, &o->fit_tokens);
     case OPT_FIT_CTX:
         return kvp_parse_int("--fit-ctx", optarg, 2, 1 << 16, &o->fit_ctx);
     case OPT_GAP:
@@ -226,9 +214,7 @@ static int parse_args(int argc, char **argv, opts_t *o) {
                                        {"kvp-trained", required_argument, 0, OPT_TRAINED},
                                        {"baseline", required_argument, 0, OPT_BASELINE},
                                        {"out", required_argument, 0, 'o'},
-                                       {"corpus", required_argument, 0, OPT_CORPUS},
-                                       {"ext", required_argument, 0, OPT_EXT},
-                                       {"holdout", required_argument, 0, OPT_HOLDOUT},
+                                       KVP_TOOL_CORPUS_OPTIONS,
                                        {"prompts", required_argument, 0, OPT_PROMPTS},
                                        {"prompt-len", required_argument, 0, OPT_PLEN},
                                        {"continuation", required_argument, 0, OPT_CONT},
@@ -248,19 +234,13 @@ static int parse_args(int argc, char **argv, opts_t *o) {
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
     memset(o, 0, sizeof *o);
-    o->corpus = KVP_CORPUS_DEFAULT_DIR, o->ext = KVP_CORPUS_DEFAULT_EXT;
-    o->holdout = KVP_CORPUS_DEFAULT_HOLDOUT;
+    kvp_tool_corpus_init(&o->corpus, false, 1); /* the test split must not be empty */
     o->fit_tokens = 32768, o->fit_ctx = 256, o->goal_gap = 0.6f;
     kvp_eval_opts_default(&o->eo);
     for (int i = 1; i < argc; i++)
         if (!strcmp(argv[i], "--quick")) apply_quick(o);
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "o:h", lo, NULL)) != -1) {
-        if (c == 'h') return usage(stdout), 1;
-        if (c == '?') return usage(stderr), 2;
-        if (parse_one(c, o)) return 2;
-    }
+    int rc = kvp_tool_getopt(argc, argv, "o:h", lo, usage, parse_one, o);
+    if (rc) return rc;
     if (optind < argc) {
         fprintf(stderr, "kvpred eval: unexpected argument '%s'\n", argv[optind]);
         return 2;
@@ -344,14 +324,6 @@ static int load_models(opts_t *o, kvp_loaded_t *base, kvp_err_t *err) {
     return rc;
 }
 
-/* kvpred's plain byte-level vocabulary tokenizes through the corpus's fast
- * path (the same tokens); any other through its encoder. */
-static const kvp_tokenizer_t *corpus_tok(const kvp_tokenizer_t *t) {
-    bool plain = kvp_tokenizer_n_vocab(t) == kvp_tokenizer_bytelevel_n_vocab(0) &&
-                 kvp_tokenizer_bos(t) == 256 && kvp_tokenizer_eos(t) == 257;
-    return plain ? NULL : t;
-}
-
 /* Closed-form predictors for the models that came without one, each saved
  * into DIR so the run can be repeated with --predictor. */
 static int fit_missing(opts_t *o, const kvp_loaded_t *base, kvp_corpus_t *c, kvp_err_t *err) {
@@ -359,7 +331,7 @@ static int fit_missing(opts_t *o, const kvp_loaded_t *base, kvp_corpus_t *c, kvp
     for (int i = 0; i < o->n_e; i++)
         need += !o->e[i].pred && o->e[i].kind != ENTRY_BASELINE;
     if (!need) return KVP_OK;
-    int rc = kvp_corpus_tokenize(c, KVP_SPLIT_TRAIN, corpus_tok(base->tok), err);
+    int rc = kvp_corpus_tokenize(c, KVP_SPLIT_TRAIN, kvp_tool_corpus_tok(base->tok), err);
     const kvp_corpus_stream_t *s = kvp_corpus_stream(c, KVP_SPLIT_TRAIN);
     for (int i = 0; !rc && i < o->n_e; i++) {
         entry_t *e = &o->e[i];
@@ -602,8 +574,7 @@ int kvp_cmd_eval(int argc, char **argv) {
     memset(r, 0, sizeof r);
     double t0 = kvp_now();
     rc = load_models(&o, &base, &err);
-    kvp_corpus_opts_t co = {.ext = o.ext, .holdout_pct = o.holdout};
-    if (!rc) rc = kvp_corpus_new(&corpus, &o.corpus, 1, &co, &err);
+    if (!rc) rc = kvp_tool_corpus_open(&o.corpus, &corpus, &err);
     o.eo.progress = stderr;
     if (!rc) rc = kvp_eval_data_build(&data, corpus, base.tok, &o.eo, &err);
     if (!rc) print_header(stderr, &o, &data);

@@ -45,8 +45,9 @@ static void usage(FILE *f) {
 }
 
 typedef struct opts {
-    const char *aux, *base, *out, *corpus, *ext;
-    int holdout, ctx;
+    const char *aux, *base, *out;
+    kvp_tool_corpus_t corpus;
+    int ctx;
     uint64_t tokens;
     int32_t *layer_map;
     int n_map;
@@ -55,30 +56,6 @@ typedef struct opts {
 } opts_t;
 
 /* ---- options ---------------------------------------------------------- */
-
-static int parse_layer_map(const char *s, opts_t *o) {
-    size_t n = 1;
-    for (const char *c = s; *c; c++)
-        n += *c == ',';
-    if (n > KVP_PREDICTOR_MAX_LAYERS) {
-        fprintf(stderr, "kvpred: --layer-map: more than %d entries\n", KVP_PREDICTOR_MAX_LAYERS);
-        return -1;
-    }
-    free(o->layer_map);
-    o->n_map = 0;
-    o->layer_map = malloc(sizeof(int32_t) * n);
-    if (!o->layer_map) return -1;
-    char buf[32];
-    for (const char *c = s; o->n_map < (int)n; o->n_map++) {
-        size_t len = strcspn(c, ",");
-        snprintf(buf, sizeof buf, "%.*s", (int)(len < 31 ? len : 31), c);
-        int v;
-        if (kvp_parse_int("--layer-map", buf, 0, KVP_PREDICTOR_MAX_LAYERS - 1, &v)) return -1;
-        o->layer_map[o->n_map] = v;
-        c += len + (c[len] == ',');
-    }
-    return 0;
-}
 
 static int parse_lambda(const char *s, opts_t *o) {
     if (!strcmp(s, "grid")) {
@@ -94,19 +71,10 @@ static int parse_lambda(const char *s, opts_t *o) {
     return 0;
 }
 
-enum {
-    OPT_AUX = 256,
-    OPT_BASE,
-    OPT_CORPUS,
-    OPT_EXT,
-    OPT_HOLDOUT,
-    OPT_TOKENS,
-    OPT_CTX,
-    OPT_MAP,
-    OPT_LAMBDA
-};
+enum { OPT_AUX = 256, OPT_BASE, OPT_TOKENS, OPT_CTX, OPT_MAP, OPT_LAMBDA };
 
-static int parse_one(int c, opts_t *o) {
+static int parse_one(int c, void *opts) {
+    opts_t *o = opts;
     switch (c) {
     case OPT_AUX:
         return o->aux = optarg, 0;
@@ -114,21 +82,16 @@ static int parse_one(int c, opts_t *o) {
         return o->base = optarg, 0;
     case 'o':
         return o->out = optarg, 0;
-    case OPT_CORPUS:
-        return o->corpus = optarg, 0;
-    case OPT_EXT:
-        return o->ext = optarg, 0;
-    case OPT_HOLDOUT:
-        return kvp_parse_int("--holdout", optarg, 0, 33, &o->holdout);
+    case KVP_TOOL_OPT_CORPUS:
+    case KVP_TOOL_OPT_EXT:
+    case KVP_TOOL_OPT_HOLDOUT:
+        return kvp_tool_corpus_flag(&o->corpus, "kvpred fit-predictor", c, optarg);
     case OPT_TOKENS:
-        if (kvp_parse_u64("--tokens", optarg, &o->tokens)) return -1;
-        if (o->tokens >= 1 && o->tokens <= ((uint64_t)1 << 40)) return 0;
-        fprintf(stderr, "kvpred: --tokens: '%s' is not in [1, 2^40]\n", optarg);
-        return -1;
+        return kvp_parse_count("kvpred", "--tokens", optarg, 40, &o->tokens);
     case OPT_CTX:
         return kvp_parse_int("--ctx", optarg, 2, 1 << 16, &o->ctx);
     case OPT_MAP:
-        return parse_layer_map(optarg, o);
+        return kvp_parse_layer_map("kvpred", optarg, &o->layer_map, &o->n_map);
     case OPT_LAMBDA:
         return parse_lambda(optarg, o);
     default:
@@ -141,27 +104,18 @@ static int parse_args(int argc, char **argv, opts_t *o) {
     static const struct option lo[] = {{"aux", required_argument, 0, OPT_AUX},
                                        {"base", required_argument, 0, OPT_BASE},
                                        {"out", required_argument, 0, 'o'},
-                                       {"corpus", required_argument, 0, OPT_CORPUS},
-                                       {"ext", required_argument, 0, OPT_EXT},
-                                       {"holdout", required_argument, 0, OPT_HOLDOUT},
+                                       KVP_TOOL_CORPUS_OPTIONS,
                                        {"tokens", required_argument, 0, OPT_TOKENS},
                                        {"ctx", required_argument, 0, OPT_CTX},
                                        {"layer-map", required_argument, 0, OPT_MAP},
                                        {"lambda", required_argument, 0, OPT_LAMBDA},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
-    *o = (opts_t){.corpus = KVP_CORPUS_DEFAULT_DIR,
-                  .ext = KVP_CORPUS_DEFAULT_EXT,
-                  .holdout = KVP_CORPUS_DEFAULT_HOLDOUT,
-                  .ctx = 256,
-                  .tokens = 200000};
+    *o = (opts_t){.ctx = 256, .tokens = 200000};
+    kvp_tool_corpus_init(&o->corpus, false, 0);
     parse_lambda("grid", o);
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "o:h", lo, NULL)) != -1) {
-        if (c == 'h') return usage(stdout), 1;
-        if (c == '?' || parse_one(c, o)) return c == '?' ? (usage(stderr), 2) : 2;
-    }
+    int rc = kvp_tool_getopt(argc, argv, "o:h", lo, usage, parse_one, o);
+    if (rc) return rc;
     if (!o->aux || !o->base || !o->out || optind < argc) return usage(stderr), 2;
     return 0;
 }
@@ -259,14 +213,8 @@ static int run_open(run_t *r, const opts_t *o, kvp_err_t *err) {
     memset(r, 0, sizeof *r);
     int rc = kvp_load_model_and_vocab(o->aux, &r->aux, err);
     if (!rc) rc = kvp_load_model_and_vocab(o->base, &r->base, err);
-    if (rc) return rc;
-    int na = kvp_tokenizer_n_vocab(r->aux.tok), nb = kvp_tokenizer_n_vocab(r->base.tok);
-    if (na != nb)
-        return kvp_err_set(err, KVP_ESHAPE,
-                           "the auxiliary model's vocabulary has %d tokens but the base model's "
-                           "%d: KV Prediction needs one shared vocabulary",
-                           na, nb);
-    rc = kvp_model_ctx_new(&r->actx, r->aux.model, o->ctx, o->ctx, err);
+    if (!rc) rc = kvp_tool_check_vocab_pair(r->aux.tok, r->base.tok, err);
+    if (!rc) rc = kvp_model_ctx_new(&r->actx, r->aux.model, o->ctx, o->ctx, err);
     if (!rc) rc = kvp_model_ctx_new(&r->bctx, r->base.model, o->ctx, o->ctx, err);
     if (!rc) rc = kvp_model_new_cache(r->aux.model, o->ctx, &r->acache, err);
     if (!rc) rc = kvp_model_new_cache(r->base.model, o->ctx, &r->bcache, err);
@@ -283,8 +231,7 @@ static int run_window(run_t *r, const int32_t *tok, int T, kvp_err_t *err) {
 
 static int load_corpus(const opts_t *o, const kvp_tokenizer_t *tok, kvp_corpus_t **c,
                        kvp_err_t *err) {
-    kvp_corpus_opts_t co = {.ext = o->ext, .holdout_pct = o->holdout};
-    int rc = kvp_corpus_new(c, &o->corpus, 1, &co, err);
+    int rc = kvp_tool_corpus_open(&o->corpus, c, err);
     if (!rc) rc = kvp_corpus_tokenize(*c, KVP_SPLIT_TRAIN, tok, err);
     return rc;
 }
@@ -394,10 +341,7 @@ static int fit_and_save(run_t *r, const opts_t *o, const plan_t *pl, kvp_err_t *
     progress_t pr = {
         .total = (uint64_t)(pl->n_win + pl->n_val) * pl->T, .t0 = kvp_now(), .tty = isatty(2)};
     int rc = win && q ? KVP_OK : kvp_err_set(err, KVP_ENOMEM, "out of memory");
-    if (!rc && o->layer_map && o->n_map != r->base.model->cfg.n_layer)
-        rc = kvp_err_set(err, KVP_EINVAL,
-                         "--layer-map has %d entries but the base model has %d layers", o->n_map,
-                         r->base.model->cfg.n_layer);
+    if (!rc) rc = kvp_tool_check_layer_map(o->layer_map, o->n_map, r->base.model->cfg.n_layer, err);
     if (!rc)
         rc = kvp_predictor_fit_new(&f, kvp_kv_shape_of(r->aux.model),
                                    kvp_kv_shape_of(r->base.model), o->layer_map, err);

@@ -46,30 +46,16 @@ static void usage(FILE *f) {
 }
 
 typedef struct opts {
-    const char *base, *out, *corpus, *ext, *log, *keep_s;
-    int num, den, steps, holdout, batch, ctx, warmup;
-    float lr, min_lr;
-    uint64_t seed;
-    int quiet;
+    const char *base, *out, *keep_s;
+    int num, den;
+    kvp_tool_corpus_t corpus;
+    kvp_train_tool_flags_t train; /* the fine-tuning; tc.steps from --finetune-steps */
 } opts_t;
 
-enum {
-    OPT_KEEP = 256,
-    OPT_STEPS,
-    OPT_CORPUS,
-    OPT_EXT,
-    OPT_HOLDOUT,
-    OPT_BATCH,
-    OPT_CTX,
-    OPT_LR,
-    OPT_MIN_LR,
-    OPT_WARMUP,
-    OPT_SEED,
-    OPT_LOG,
-    OPT_QUIET
-};
+enum { OPT_KEEP = 256, OPT_STEPS };
 
-static int parse_one(int c, opts_t *o) {
+static int parse_one(int c, void *opts) {
+    opts_t *o = opts;
     kvp_err_t err = {0};
     switch (c) {
     case 'm':
@@ -82,69 +68,38 @@ static int parse_one(int c, opts_t *o) {
         fprintf(stderr, "kvpred prune: --keep: %s\n", err.msg);
         return -1;
     case OPT_STEPS:
-        return kvp_parse_int("--finetune-steps", optarg, 0, 1 << 30, &o->steps);
-    case OPT_CORPUS:
-        return o->corpus = optarg, 0;
-    case OPT_EXT:
-        return o->ext = optarg, 0;
-    case OPT_HOLDOUT:
-        return kvp_parse_int("--holdout", optarg, 1, 33, &o->holdout);
-    case OPT_BATCH:
-        return kvp_parse_int("--batch", optarg, 1, 1 << 16, &o->batch);
-    case OPT_CTX:
-        return kvp_parse_int("--ctx", optarg, 2, 1 << 16, &o->ctx);
-    case OPT_LR:
-        return kvp_parse_float("--lr", optarg, 1e-8f, 1.0f, &o->lr);
-    case OPT_MIN_LR:
-        return kvp_parse_float("--min-lr", optarg, 0.0f, 1.0f, &o->min_lr);
-    case OPT_WARMUP:
-        return kvp_parse_int("--warmup", optarg, 0, 1 << 30, &o->warmup);
-    case OPT_SEED:
-        return kvp_parse_u64("--seed", optarg, &o->seed);
-    case OPT_LOG:
-        return o->log = optarg, 0;
-    case OPT_QUIET:
-        return o->quiet = 1, 0;
+        return kvp_parse_int("--finetune-steps", optarg, 0, 1 << 30, &o->train.tc.steps);
     default:
-        return -1;
+        return kvp_train_tool_parse(&o->corpus, &o->train, "kvpred prune", c, optarg);
     }
 }
 
 /* 0 = go on, 1 = --help printed, 2 = bad arguments. */
 static int parse_args(int argc, char **argv, opts_t *o) {
+    /* of the schedule flags only those a short fine-tuning needs */
     static const struct option lo[] = {{"base", required_argument, 0, 'm'},
                                        {"out", required_argument, 0, 'o'},
                                        {"keep", required_argument, 0, OPT_KEEP},
                                        {"finetune-steps", required_argument, 0, OPT_STEPS},
-                                       {"corpus", required_argument, 0, OPT_CORPUS},
-                                       {"ext", required_argument, 0, OPT_EXT},
-                                       {"holdout", required_argument, 0, OPT_HOLDOUT},
-                                       {"batch", required_argument, 0, OPT_BATCH},
-                                       {"ctx", required_argument, 0, OPT_CTX},
-                                       {"lr", required_argument, 0, OPT_LR},
-                                       {"min-lr", required_argument, 0, OPT_MIN_LR},
-                                       {"warmup", required_argument, 0, OPT_WARMUP},
-                                       {"seed", required_argument, 0, OPT_SEED},
-                                       {"log", required_argument, 0, OPT_LOG},
-                                       {"quiet", no_argument, 0, OPT_QUIET},
+                                       KVP_TOOL_CORPUS_OPTIONS,
+                                       {"batch", required_argument, 0, KVP_TRAIN_OPT_BATCH},
+                                       {"ctx", required_argument, 0, KVP_TRAIN_OPT_CTX},
+                                       {"lr", required_argument, 0, KVP_TRAIN_OPT_LR},
+                                       {"min-lr", required_argument, 0, KVP_TRAIN_OPT_MIN_LR},
+                                       {"warmup", required_argument, 0, KVP_TRAIN_OPT_WARMUP},
+                                       {"seed", required_argument, 0, KVP_TRAIN_OPT_SEED},
+                                       {"log", required_argument, 0, KVP_TRAIN_OPT_LOG},
+                                       {"quiet", no_argument, 0, KVP_TRAIN_OPT_QUIET},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
-    *o = (opts_t){.corpus = KVP_CORPUS_DEFAULT_DIR,
-                  .ext = KVP_CORPUS_DEFAULT_EXT,
-                  .holdout = KVP_CORPUS_DEFAULT_HOLDOUT,
-                  .batch = 8,
-                  .ctx = 256,
-                  .warmup = -1,
-                  .lr = 5e-4f,
-                  .min_lr = -1.0f,
-                  .seed = 7};
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "m:o:h", lo, NULL)) != -1) {
-        if (c == 'h') return usage(stdout), 1;
-        if (c == '?') return usage(stderr), 2;
-        if (parse_one(c, o)) return 2;
-    }
+    memset(o, 0, sizeof *o);
+    kvp_tool_corpus_init(&o->corpus, false, 1); /* the validation split must not be empty */
+    kvp_train_tool_flags_init(&o->train);
+    o->train.tc.steps = 0; /* no fine-tuning unless asked */
+    o->train.tc.lr = 5e-4f;
+    o->train.seed = 7;
+    int rc = kvp_tool_getopt(argc, argv, "m:o:h", lo, usage, parse_one, o);
+    if (rc) return rc;
     if (optind < argc) {
         fprintf(stderr, "kvpred prune: unexpected argument '%s'\n", argv[optind]);
         return 2;
@@ -153,21 +108,10 @@ static int parse_args(int argc, char **argv, opts_t *o) {
         fprintf(stderr, "kvpred prune: --base, --keep and -o are required (see --help)\n");
         return 2;
     }
-    if (o->min_lr < 0) o->min_lr = o->lr / 10;
-    if (o->min_lr > o->lr) {
-        fprintf(stderr, "kvpred prune: --min-lr %g is above --lr %g\n", o->min_lr, o->lr);
-        return 2;
-    }
-    if (o->warmup < 0) o->warmup = o->steps / 10;
+    if (kvp_train_tool_flags_check(&o->train, "kvpred prune")) return 2;
+    kvp_trainer_config_t *tc = &o->train.tc;
+    if (tc->warmup < 0) tc->warmup = tc->steps / 10; /* a short run warms up longer */
     return 0;
-}
-
-/* kvpred's plain byte-level vocabulary (no merges) tokenizes through the
- * corpus's fast path; any other vocabulary through its encoder. */
-static const kvp_tokenizer_t *corpus_tok(const kvp_tokenizer_t *t) {
-    bool plain = kvp_tokenizer_n_vocab(t) == kvp_tokenizer_bytelevel_n_vocab(0) &&
-                 kvp_tokenizer_bos(t) == 256 && kvp_tokenizer_eos(t) == 257;
-    return plain ? NULL : t;
 }
 
 typedef struct record {
@@ -188,23 +132,22 @@ static int add_record(kvp_gguf_writer_t *w, void *user) {
 static int finetune(kvp_model_t *m, const kvp_tokenizer_t *tok, const opts_t *o, record_t *rec,
                     kvp_err_t *err) {
     kvp_corpus_t *c = NULL;
-    const kvp_tokenizer_t *ct = corpus_tok(tok);
-    if (kvp_train_tool_load_corpus("kvpred prune", &o->corpus, 1, o->ext, o->holdout, ct,
-                                   o->quiet ? NULL : stderr, &c))
+    const kvp_tokenizer_t *ct = kvp_tool_corpus_tok(tok);
+    const kvp_tool_corpus_t *cp = &o->corpus;
+    if (kvp_train_tool_load_corpus("kvpred prune", cp->path, cp->n_path, cp->ext, cp->holdout, ct,
+                                   o->train.quiet ? NULL : stderr, &c))
         return kvp_err_set(err, KVP_EINVAL, "%s", "");
+    kvp_trainer_config_t t = o->train.tc; /* batch, ctx, steps, warmup, lr, min-lr */
     const kvp_corpus_stream_t *val = kvp_corpus_stream(c, KVP_SPLIT_VAL);
     kvp_eval_t ev;
-    int rc = kvp_trainer_evaluate(m, val, ct, o->batch, o->ctx, EVAL_TOKENS, &ev, err);
+    int rc = kvp_trainer_evaluate(m, val, ct, t.batch, t.ctx, EVAL_TOKENS, &ev, err);
     rec->bpb_before = rc ? NAN : ev.bpb;
-    kvp_trainer_config_t t;
-    kvp_trainer_config_default(&t);
-    t.batch = o->batch, t.ctx = o->ctx, t.steps = o->steps, t.warmup = o->warmup;
-    t.lr = o->lr, t.min_lr = o->min_lr, t.seed = o->seed;
+    t.seed = o->train.seed; /* no weights to start here: --seed is the data order alone */
     t.eval_every = 0, t.eval_tokens = EVAL_TOKENS, t.final_eval_tokens = EVAL_TOKENS;
     t.ckpt_every = 0; /* a short run: no checkpoints */
-    t.log_path = o->log;
+    t.log_path = o->train.log;
     t.stop_flag = &kvp_train_tool_stop;
-    t.progress = o->quiet ? NULL : stderr;
+    t.progress = o->train.quiet ? NULL : stderr;
     t.tok = ct;
     kvp_trainer_result_t res;
     if (!rc) {
@@ -217,58 +160,57 @@ static int finetune(kvp_model_t *m, const kvp_tokenizer_t *tok, const opts_t *o,
     return rc;
 }
 
+/* The kept layers and the layer map that makes the copy an auxiliary model
+ * of its source (of n_layer layers). */
+static void print_kept(const kvp_model_t *m, const int32_t *keep, int n_keep, int n_layer) {
+    char desc[160], list[512] = "";
+    for (int i = 0; i < n_keep; i++) {
+        size_t l = strlen(list);
+        snprintf(list + l, sizeof list - l, "%s%d", i ? "," : "", (int)keep[i]);
+    }
+    kvp_train_tool_describe(&m->cfg, m->n_params, desc, sizeof desc);
+    printf("kept layers [%s] of %d: %s\n", list, n_layer, desc);
+    int32_t *map = malloc(sizeof(int32_t) * (size_t)n_layer);
+    if (!map) return;
+    kvp_prune_layer_map(keep, n_keep, n_layer, map);
+    list[0] = 0;
+    for (int i = 0; i < n_layer; i++) {
+        size_t l = strlen(list);
+        snprintf(list + l, sizeof list - l, "%s%d", i ? "," : "", (int)map[i]);
+    }
+    printf("as an auxiliary model of its source: kvpred fit-predictor --layer-map %s\n", list);
+    free(map);
+}
+
 int kvp_cmd_prune(int argc, char **argv) {
     opts_t o;
     int rc = parse_args(argc, argv, &o);
     if (rc) return rc == 1 ? 0 : 2;
     kvp_err_t err = {0};
-    kvp_gguf_t *g = NULL;
-    kvp_model_t *src = NULL, *m = NULL;
-    kvp_tokenizer_t *tok = NULL;
+    kvp_tool_model_t src; /* its file kept open: the copy takes its vocabulary */
+    kvp_model_t *m = NULL;
     int32_t *keep = NULL;
-    record_t rec = {.steps = o.steps, .bpb_before = NAN, .bpb_after = NAN};
-    rc = kvp_gguf_open(&g, o.base, &err);
-    if (!rc) rc = kvp_model_from_gguf(&src, g, &err);
-    if (!rc) rc = kvp_tokenizer_from_gguf(&tok, g, &err);
-    if (rc) kvp_err_wrap(&err, "%s", o.base);
-    int n_keep = 0;
+    int steps = o.train.tc.steps;
+    record_t rec = {.steps = steps, .bpb_before = NAN, .bpb_after = NAN};
+    rc = kvp_tool_model_open(o.base, &src, &err);
+    int n_layer = rc ? 0 : src.m->cfg.n_layer, n_keep = 0;
     if (!rc) {
-        keep = malloc(sizeof(int32_t) * (size_t)src->cfg.n_layer);
-        n_keep = keep ? kvp_prune_layers(src->cfg.n_layer, o.num, o.den, keep) : KVP_ENOMEM;
+        keep = malloc(sizeof(int32_t) * (size_t)n_layer);
+        n_keep = keep ? kvp_prune_layers(n_layer, o.num, o.den, keep) : KVP_ENOMEM;
         if (n_keep < 0) rc = kvp_err_set(&err, n_keep, "cannot keep %s of the layers", o.keep_s);
     }
-    if (!rc) rc = kvp_prune_model(src, keep, n_keep, &m, &err);
-    if (!rc) {
-        char desc[160], list[512] = "";
-        for (int i = 0; i < n_keep; i++) {
-            size_t l = strlen(list);
-            snprintf(list + l, sizeof list - l, "%s%d", i ? "," : "", (int)keep[i]);
-        }
-        kvp_train_tool_describe(&m->cfg, m->n_params, desc, sizeof desc);
-        printf("kept layers [%s] of %d: %s\n", list, src->cfg.n_layer, desc);
-        int32_t *map = malloc(sizeof(int32_t) * (size_t)src->cfg.n_layer);
-        if (map) {
-            kvp_prune_layer_map(keep, n_keep, src->cfg.n_layer, map);
-            list[0] = 0;
-            for (int i = 0; i < src->cfg.n_layer; i++) {
-                size_t l = strlen(list);
-                snprintf(list + l, sizeof list - l, "%s%d", i ? "," : "", (int)map[i]);
-            }
-            printf("as an auxiliary model of its source: kvpred fit-predictor --layer-map %s\n",
-                   list);
-            free(map);
-        }
-    }
-    if (!rc && o.steps > 0) rc = finetune(m, tok, &o, &rec, &err);
+    if (!rc) rc = kvp_prune_model(src.m, keep, n_keep, &m, &err);
+    if (!rc) print_kept(m, keep, n_keep, n_layer);
+    if (!rc && steps > 0) rc = finetune(m, src.tok, &o, &rec, &err);
     char fp[17] = "", name[128];
     if (!rc) {
-        kvp_model_fingerprint(src, fp);
+        kvp_model_fingerprint(src.m, fp);
         snprintf(name, sizeof name, "kvpred pruned %s (%s of the layers)", o.base, o.keep_s);
-        rc = kvp_prune_save(m, g, o.out, name, keep, n_keep, fp, add_record, &rec, &err);
+        rc = kvp_prune_save(m, src.g, o.out, name, keep, n_keep, fp, add_record, &rec, &err);
     }
     if (!rc) {
-        if (o.steps > 0)
-            printf("fine-tuned %d steps (%.1f s): validation %.4f -> %.4f bits per byte\n", o.steps,
+        if (steps > 0)
+            printf("fine-tuned %d steps (%.1f s): validation %.4f -> %.4f bits per byte\n", steps,
                    rec.seconds, rec.bpb_before, rec.bpb_after);
         printf("wrote %s\n", o.out);
     } else if (err.msg[0]) {
@@ -276,8 +218,6 @@ int kvp_cmd_prune(int argc, char **argv) {
     }
     free(keep);
     kvp_model_free(&m);
-    kvp_model_free(&src);
-    kvp_tokenizer_free(&tok);
-    kvp_gguf_free(&g);
+    kvp_tool_model_close(&src);
     return rc ? 1 : 0;
 }

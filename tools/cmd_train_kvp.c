@@ -17,7 +17,6 @@
 #include "kvp_tool_util.h"
 #include "kvp_train_tool.h"
 
-#define MAX_CORPUS 256
 #define CMD "kvpred train-kvp"
 
 static void usage(FILE *f) {
@@ -67,80 +66,20 @@ static void usage(FILE *f) {
 }
 
 typedef struct opts {
-    const char *aux, *base, *init, *out, *ext, *ckpt, *log;
-    const char *corpus[MAX_CORPUS];
-    int n_corpus, holdout;
+    const char *aux, *base, *init, *out;
     int32_t *layer_map;
     int n_map;
-    bool min_lr_set, quiet;
-    float time_limit;
-    uint64_t seed;
-    kvp_trainer_config_t tc;
+    kvp_tool_corpus_t corpus;
+    kvp_train_tool_flags_t train;
     kvp_kvptrain_weights_t w;
 } opts_t;
 
-static int parse_layer_map(const char *s, opts_t *o) {
-    size_t n = 1;
-    for (const char *c = s; *c; c++)
-        n += *c == ',';
-    if (n > KVP_PREDICTOR_MAX_LAYERS) {
-        fprintf(stderr, CMD ": --layer-map: more than %d entries\n", KVP_PREDICTOR_MAX_LAYERS);
-        return -1;
-    }
-    free(o->layer_map);
-    o->n_map = 0;
-    o->layer_map = malloc(sizeof(int32_t) * n);
-    if (!o->layer_map) return -1;
-    char buf[32];
-    for (const char *c = s; o->n_map < (int)n; o->n_map++) {
-        size_t len = strcspn(c, ",");
-        snprintf(buf, sizeof buf, "%.*s", (int)(len < 31 ? len : 31), c);
-        int v;
-        if (kvp_parse_int("--layer-map", buf, 0, KVP_PREDICTOR_MAX_LAYERS - 1, &v)) return -1;
-        o->layer_map[o->n_map] = v;
-        c += len + (c[len] == ',');
-    }
-    return 0;
-}
+enum { O_AUX = 256, O_BASE, O_INIT, O_MAP, O_BASE_W, O_AUX_W, O_KV_W, O_ZLOSS };
 
-enum {
-    O_AUX = 256,
-    O_BASE,
-    O_INIT,
-    O_MAP,
-    O_CORPUS,
-    O_EXT,
-    O_HOLDOUT,
-    O_BASE_W,
-    O_AUX_W,
-    O_KV_W,
-    O_ZLOSS,
-    O_CTX,
-    O_BATCH,
-    O_ACCUM,
-    O_STEPS,
-    O_LR,
-    O_MIN_LR,
-    O_WARMUP,
-    O_WD,
-    O_BETA2,
-    O_CLIP,
-    O_SEED,
-    O_EVAL_EVERY,
-    O_EVAL_TOKENS,
-    O_FINAL_EVAL,
-    O_CKPT,
-    O_CKPT_EVERY,
-    O_RESUME,
-    O_LOG,
-    O_TIME_LIMIT,
-    O_STOP_AFTER,
-    O_PROG_INT,
-    O_QUIET,
-};
-
-static int parse_one(int c, opts_t *o) {
-    kvp_trainer_config_t *tc = &o->tc;
+/* The models and the loss weights; the corpus and schedule flags go to
+ * their helpers. */
+static int parse_one(int c, void *opts) {
+    opts_t *o = opts;
     switch (c) {
     case 'o':
         return o->out = optarg, 0;
@@ -151,17 +90,7 @@ static int parse_one(int c, opts_t *o) {
     case O_INIT:
         return o->init = optarg, 0;
     case O_MAP:
-        return parse_layer_map(optarg, o);
-    case O_CORPUS:
-        if (o->n_corpus == MAX_CORPUS) {
-            fprintf(stderr, CMD ": more than %d --corpus paths\n", MAX_CORPUS);
-            return -1;
-        }
-        return o->corpus[o->n_corpus++] = optarg, 0;
-    case O_EXT:
-        return o->ext = optarg, 0;
-    case O_HOLDOUT:
-        return kvp_parse_int("--holdout", optarg, 0, 33, &o->holdout);
+        return kvp_parse_layer_map(CMD, optarg, &o->layer_map, &o->n_map);
     case O_BASE_W:
         return kvp_parse_float("--base-w", optarg, 0.0f, 1e6f, &o->w.base_w);
     case O_AUX_W:
@@ -170,57 +99,8 @@ static int parse_one(int c, opts_t *o) {
         return kvp_parse_float("--kv-w", optarg, 0.0f, 1e6f, &o->w.kv_w);
     case O_ZLOSS:
         return kvp_parse_float("--zloss", optarg, 0.0f, 1.0f, &o->w.zloss);
-    case O_CTX:
-        return kvp_parse_int("--ctx", optarg, 2, 1 << 16, &tc->ctx);
-    case O_BATCH:
-        return kvp_parse_int("--batch", optarg, 1, 1 << 16, &tc->batch);
-    case O_ACCUM:
-        return kvp_parse_int("--accum", optarg, 1, 1 << 16, &tc->accum);
-    case O_STEPS:
-        return kvp_parse_int("--steps", optarg, 1, 1 << 30, &tc->steps);
-    case O_LR:
-        return kvp_parse_float("--lr", optarg, 1e-8f, 1.0f, &tc->lr);
-    case O_MIN_LR:
-        o->min_lr_set = true;
-        return kvp_parse_float("--min-lr", optarg, 0.0f, 1.0f, &tc->min_lr);
-    case O_WARMUP:
-        return kvp_parse_int("--warmup", optarg, 0, 1 << 30, &tc->warmup);
-    case O_WD:
-        return kvp_parse_float("--wd", optarg, 0.0f, 10.0f, &tc->adamw.weight_decay);
-    case O_BETA2:
-        return kvp_parse_float("--beta2", optarg, 0.0f, 0.99999f, &tc->adamw.beta2);
-    case O_CLIP:
-        return kvp_parse_float("--clip", optarg, 0.0f, 1e6f, &tc->clip);
-    case O_SEED:
-        return kvp_parse_u64("--seed", optarg, &o->seed);
-    case O_EVAL_EVERY:
-        return kvp_parse_int("--eval-every", optarg, 0, 1 << 30, &tc->eval_every);
-    case O_EVAL_TOKENS:
-        return kvp_parse_int("--eval-tokens", optarg, 0, 1 << 30, &tc->eval_tokens);
-    case O_FINAL_EVAL:
-        return kvp_parse_int("--final-eval-tokens", optarg, 0, 1 << 30, &tc->final_eval_tokens);
-    case O_CKPT:
-        return o->ckpt = optarg, 0;
-    case O_CKPT_EVERY:
-        return kvp_parse_int("--ckpt-every", optarg, 0, 1 << 30, &tc->ckpt_every);
-    case O_RESUME:
-        return tc->resume = true, 0;
-    case O_LOG:
-        return o->log = optarg, 0;
-    case O_TIME_LIMIT:
-        return kvp_parse_float("--time-limit", optarg, 0.0f, 1e9f, &o->time_limit);
-    case O_STOP_AFTER:
-        return kvp_parse_int("--stop-after", optarg, 1, 1 << 30, &tc->stop_after);
-    case O_PROG_INT: {
-        float v;
-        int bad = kvp_parse_float("--progress-interval", optarg, 0.01f, 1e6f, &v);
-        tc->progress_interval = v;
-        return bad;
-    }
-    case O_QUIET:
-        return o->quiet = true, 0;
     default:
-        return -1;
+        return kvp_train_tool_parse(&o->corpus, &o->train, CMD, c, optarg);
     }
 }
 
@@ -231,53 +111,26 @@ static int parse_args(int argc, char **argv, opts_t *o) {
                                        {"base", required_argument, 0, O_BASE},
                                        {"init", required_argument, 0, O_INIT},
                                        {"layer-map", required_argument, 0, O_MAP},
-                                       {"corpus", required_argument, 0, O_CORPUS},
-                                       {"ext", required_argument, 0, O_EXT},
-                                       {"holdout", required_argument, 0, O_HOLDOUT},
+                                       KVP_TOOL_CORPUS_OPTIONS,
                                        {"base-w", required_argument, 0, O_BASE_W},
                                        {"aux-w", required_argument, 0, O_AUX_W},
                                        {"kv-w", required_argument, 0, O_KV_W},
                                        {"zloss", required_argument, 0, O_ZLOSS},
-                                       {"ctx", required_argument, 0, O_CTX},
-                                       {"batch", required_argument, 0, O_BATCH},
-                                       {"accum", required_argument, 0, O_ACCUM},
-                                       {"steps", required_argument, 0, O_STEPS},
-                                       {"lr", required_argument, 0, O_LR},
-                                       {"min-lr", required_argument, 0, O_MIN_LR},
-                                       {"warmup", required_argument, 0, O_WARMUP},
-                                       {"wd", required_argument, 0, O_WD},
-                                       {"beta2", required_argument, 0, O_BETA2},
-                                       {"clip", required_argument, 0, O_CLIP},
-                                       {"seed", required_argument, 0, O_SEED},
-                                       {"eval-every", required_argument, 0, O_EVAL_EVERY},
-                                       {"eval-tokens", required_argument, 0, O_EVAL_TOKENS},
-                                       {"final-eval-tokens", required_argument, 0, O_FINAL_EVAL},
-                                       {"ckpt", required_argument, 0, O_CKPT},
-                                       {"ckpt-every", required_argument, 0, O_CKPT_EVERY},
-                                       {"resume", no_argument, 0, O_RESUME},
-                                       {"log", required_argument, 0, O_LOG},
-                                       {"time-limit", required_argument, 0, O_TIME_LIMIT},
-                                       {"stop-after", required_argument, 0, O_STOP_AFTER},
-                                       {"progress-interval", required_argument, 0, O_PROG_INT},
-                                       {"quiet", no_argument, 0, O_QUIET},
+                                       KVP_TRAIN_TOOL_OPTIONS,
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
     memset(o, 0, sizeof *o);
-    o->holdout = KVP_CORPUS_DEFAULT_HOLDOUT;
-    o->seed = 1;
-    kvp_trainer_config_default(&o->tc);
-    o->tc.steps = 200;
-    o->tc.lr = 3e-4f;
-    o->tc.eval_every = 50;
-    o->tc.ckpt_every = 50;
+    kvp_tool_corpus_init(&o->corpus, true, 0);
+    kvp_train_tool_flags_init(&o->train);
+    /* the aux is fine-tuned, not trained from scratch: fewer steps and a
+     * lower rate than kvpred train's */
+    o->train.tc.steps = 200;
+    o->train.tc.lr = 3e-4f;
+    o->train.tc.eval_every = 50;
+    o->train.tc.ckpt_every = 50;
     kvp_kvptrain_weights_default(&o->w);
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "o:h", lo, NULL)) != -1) {
-        if (c == 'h') return usage(stdout), 1;
-        if (c == '?') return usage(stderr), 2;
-        if (parse_one(c, o)) return 2;
-    }
+    int rc = kvp_tool_getopt(argc, argv, "o:h", lo, usage, parse_one, o);
+    if (rc) return rc;
     if (optind < argc) {
         fprintf(stderr, CMD ": unexpected argument '%s' (see --help)\n", argv[optind]);
         return 2;
@@ -290,44 +143,16 @@ static int parse_args(int argc, char **argv, opts_t *o) {
         fprintf(stderr, CMD ": --layer-map comes with the --init predictor; give one of them\n");
         return 2;
     }
-    if (!o->min_lr_set) o->tc.min_lr = o->tc.lr / 10;
-    if (o->tc.min_lr > o->tc.lr) {
-        fprintf(stderr, CMD ": --min-lr %g is above --lr %g\n", o->tc.min_lr, o->tc.lr);
-        return 2;
-    }
-    if (o->n_corpus == 0) {
-        o->corpus[o->n_corpus++] = KVP_CORPUS_DEFAULT_DIR;
-        if (!o->ext) o->ext = KVP_CORPUS_DEFAULT_EXT;
-    }
+    if (kvp_train_tool_flags_check(&o->train, CMD)) return 2;
+    kvp_tool_corpus_finish(&o->corpus);
     return 0;
 }
 
 /* ---- models ------------------------------------------------------------- */
 
-typedef struct model_file {
-    kvp_gguf_t *g; /* kept open: the aux's vocabulary is copied into the output */
-    kvp_model_t *m;
-    kvp_tokenizer_t *tok;
-} model_file_t;
-
-static int open_model(const char *path, model_file_t *mf, kvp_err_t *err) {
-    memset(mf, 0, sizeof *mf);
-    int rc = kvp_gguf_open(&mf->g, path, err);
-    if (!rc) rc = kvp_model_from_gguf(&mf->m, mf->g, err);
-    if (!rc) rc = kvp_tokenizer_from_gguf(&mf->tok, mf->g, err);
-    if (rc) kvp_err_wrap(err, "%s", path);
-    return rc;
-}
-
-static void close_model(model_file_t *mf) {
-    kvp_tokenizer_free(&mf->tok);
-    kvp_model_free(&mf->m);
-    kvp_gguf_free(&mf->g);
-}
-
 /* The predictor to start from: --init (made for this very pair) or new. */
-static int start_predictor(const opts_t *o, const model_file_t *aux, const model_file_t *base,
-                           kvp_predictor_t **p, kvp_err_t *err) {
+static int start_predictor(const opts_t *o, const kvp_tool_model_t *aux,
+                           const kvp_tool_model_t *base, kvp_predictor_t **p, kvp_err_t *err) {
     int rc;
     if (o->init) {
         rc = kvp_predictor_load(p, o->init, err);
@@ -335,19 +160,12 @@ static int start_predictor(const opts_t *o, const model_file_t *aux, const model
         if (rc) kvp_err_wrap(err, "--init %s", o->init);
         return rc;
     }
-    if (o->layer_map && o->n_map != base->m->cfg.n_layer)
-        return kvp_err_set(err, KVP_EINVAL,
-                           "--layer-map has %d entries but the base model has %d layers", o->n_map,
-                           base->m->cfg.n_layer);
-    rc = kvp_predictor_new(p, kvp_kv_shape_of(aux->m), kvp_kv_shape_of(base->m), o->layer_map, err);
-    if (!rc) kvp_kvptrain_init_predictor(*p, o->seed);
+    rc = kvp_tool_check_layer_map(o->layer_map, o->n_map, base->m->cfg.n_layer, err);
+    if (!rc)
+        rc = kvp_predictor_new(p, kvp_kv_shape_of(aux->m), kvp_kv_shape_of(base->m), o->layer_map,
+                               err);
+    if (!rc) kvp_kvptrain_init_predictor(*p, o->train.seed);
     return rc;
-}
-
-static char *join(const char *a, const char *b) {
-    char *s = malloc(strlen(a) + strlen(b) + 1);
-    if (s) strcat(strcpy(s, a), b);
-    return s;
 }
 
 static void print_eval(const char *when, const kvp_kvptrain_eval_t *e) {
@@ -357,6 +175,18 @@ static void print_eval(const char *when, const kvp_kvptrain_eval_t *e) {
            e->base_own.bpb, (unsigned long long)e->base_pred.tokens);
 }
 
+/* Both models (they must share one vocabulary), the predictor to start from,
+ * and the check that the three fit together. */
+static int open_models(const opts_t *o, kvp_tool_model_t *aux, kvp_tool_model_t *base,
+                       kvp_predictor_t **p, kvp_err_t *err) {
+    int rc = kvp_tool_model_open(o->aux, aux, err);
+    if (!rc) rc = kvp_tool_model_open(o->base, base, err);
+    if (!rc) rc = kvp_tool_check_vocab_pair(aux->tok, base->tok, err);
+    if (!rc) rc = start_predictor(o, aux, base, p, err);
+    if (!rc) rc = kvp_kvptrain_check(aux->m, base->m, *p, err);
+    return rc;
+}
+
 int kvp_cmd_train_kvp(int argc, char **argv) {
     opts_t o;
     int prc = parse_args(argc, argv, &o);
@@ -364,44 +194,32 @@ int kvp_cmd_train_kvp(int argc, char **argv) {
         free(o.layer_map);
         return prc == 1 ? 0 : 2;
     }
-    char *aux_out = join(o.out, "-aux.gguf"), *pred_out = join(o.out, "-predictor.gguf");
-    char *ckpt_own = o.ckpt ? NULL : join(o.out, ".ckpt");
-    char *log_own = o.log ? NULL : join(o.out, ".csv");
-    kvp_trainer_config_t *tc = &o.tc;
-    tc->ckpt_path = o.ckpt ? o.ckpt : ckpt_own;
-    tc->log_path = o.log ? o.log : log_own;
-    tc->seed = o.seed + 1;
-    tc->time_limit_s = o.time_limit;
-    tc->stop_flag = &kvp_train_tool_stop;
-    tc->progress = o.quiet ? NULL : stderr;
-
+    char *aux_out = kvp_tool_derive_path(o.out, NULL, "-aux.gguf");
+    char *pred_out = kvp_tool_derive_path(o.out, NULL, "-predictor.gguf");
+    kvp_trainer_config_t *tc = &o.train.tc;
+    bool quiet = o.train.quiet;
     kvp_err_t err = {0};
-    model_file_t aux = {0}, base = {0};
+    kvp_tool_model_t aux = {0}, base = {0};
     kvp_predictor_t *p = NULL;
     kvp_corpus_t *corp = NULL;
     int status = 1, rc = 0;
-    if (!aux_out || !pred_out || !tc->ckpt_path || !tc->log_path) {
+    if (!aux_out || !pred_out) {
         fprintf(stderr, CMD ": out of memory\n");
         goto done;
     }
-    rc = open_model(o.aux, &aux, &err);
-    if (!rc) rc = open_model(o.base, &base, &err);
-    if (!rc && kvp_tokenizer_n_vocab(aux.tok) != kvp_tokenizer_n_vocab(base.tok))
-        rc = kvp_err_set(&err, KVP_ESHAPE,
-                         "the auxiliary model's vocabulary has %d tokens but the base model's "
-                         "%d: KV Prediction needs one shared vocabulary",
-                         kvp_tokenizer_n_vocab(aux.tok), kvp_tokenizer_n_vocab(base.tok));
-    if (!rc) rc = start_predictor(&o, &aux, &base, &p, &err);
-    if (!rc) rc = kvp_kvptrain_check(aux.m, base.m, p, &err);
+    /* checkpoint and log: OUT.ckpt, OUT.csv */
+    if (kvp_train_tool_flags_apply(&o.train, CMD, o.out, NULL)) goto done;
+    rc = open_models(&o, &aux, &base, &p, &err);
     if (rc) {
         fprintf(stderr, CMD ": %s\n", err.msg[0] ? err.msg : kvp_err_name(rc));
         goto done;
     }
-    if (kvp_train_tool_load_corpus(CMD, o.corpus, o.n_corpus, o.ext, o.holdout, aux.tok,
-                                   o.quiet ? NULL : stderr, &corp))
+    const kvp_tool_corpus_t *cp = &o.corpus;
+    if (kvp_train_tool_load_corpus(CMD, cp->path, cp->n_path, cp->ext, cp->holdout, aux.tok,
+                                   quiet ? NULL : stderr, &corp))
         goto done;
     tc->tok = aux.tok;
-    if (!o.quiet) {
+    if (!quiet) {
         char da[160], db[160];
         kvp_train_tool_describe(&aux.m->cfg, aux.m->n_params, da, sizeof da);
         kvp_train_tool_describe(&base.m->cfg, base.m->n_params, db, sizeof db);
@@ -419,17 +237,11 @@ int kvp_cmd_train_kvp(int argc, char **argv) {
         goto done;
     }
     if (!res.completed) {
-        fprintf(stderr,
-                CMD ": stopped at step %d of %d; the same command with --resume continues\n",
-                res.step, tc->steps);
-        status = kvp_train_tool_stop ? 130 : 0;
+        status = kvp_train_tool_stopped(CMD, res.step, tc->steps);
         goto done;
     }
-    char command[2048] = "kvpred";
-    for (int i = 0; i < argc; i++) {
-        size_t l = strlen(command);
-        snprintf(command + l, sizeof command - l, " %s", argv[i]);
-    }
+    char command[2048];
+    kvp_train_tool_command_line(argc, argv, command, sizeof command);
     rc = kvp_kvptrain_save_aux(aux.m, aux_out, aux.g, tc, &o.w, &res, command, &err);
     if (!rc) rc = kvp_kvptrain_save_predictor(p, aux.m, base.m, pred_out, &err);
     if (rc) {
@@ -446,12 +258,11 @@ int kvp_cmd_train_kvp(int argc, char **argv) {
 done:
     kvp_corpus_free(&corp);
     kvp_predictor_free(&p);
-    close_model(&aux);
-    close_model(&base);
+    kvp_tool_model_close(&aux);
+    kvp_tool_model_close(&base);
     free(aux_out);
     free(pred_out);
-    free(ckpt_own);
-    free(log_own);
+    kvp_train_tool_flags_free(&o.train);
     free(o.layer_map);
     return status;
 }
