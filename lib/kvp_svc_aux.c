@@ -9,8 +9,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <zmq.h>
-
 #include "kvp_sampler.h"
 #include "kvp_svc.h"
 #include "kvp_svc_util.h"
@@ -26,8 +24,7 @@ typedef enum {
 } aux_state_t;
 
 typedef struct aux_req {
-    char id[KVP_TRACE_ID_MAX];
-    kvp_wire_id_t client;
+    kvp_svc_req_t req; /* first (kvp_svc_req_t); req.peer is the client */
     int mode;
     aux_state_t st;
     int32_t *toks;
@@ -35,7 +32,7 @@ typedef struct aux_req {
     int *starts; /* [n_chunks + 1] chunk boundaries (kvp_svc_plan_chunks) */
     Kvpred__GenParams params;
     kvp_kvcache_t *cache;
-    double deadline, pending_since;
+    double pending_since;
     int deadline_ms;
     kvp_events_t ev; /* this stage's events that do not travel with a chunk */
     /* aux-only */
@@ -43,7 +40,6 @@ typedef struct aux_req {
     float *logits;
     int prefilled, n_generated;
     int32_t last;
-    struct aux_req *next;
 } aux_req_t;
 
 typedef struct aux {
@@ -53,8 +49,7 @@ typedef struct aux {
     kvp_link_dealer_t *down;
     kvp_wire_limits_t lim_front, lim_down;
     kvp_model_ctx_t *mctx;
-    aux_req_t *reqs, *turn;
-    int n_reqs;
+    kvp_svc_reqs_t reqs;
     char link_err[KVP_ERR_MSG_MAX]; /* the last thing the predictor link reported */
 } aux_t;
 
@@ -65,18 +60,11 @@ static const char *mode_name(int mode) {
 }
 
 static aux_req_t *find(aux_t *a, const char *id) {
-    for (aux_req_t *r = a->reqs; r; r = r->next)
-        if (!strcmp(r->id, id)) return r;
-    return NULL;
+    return (aux_req_t *)kvp_svc_reqs_find(&a->reqs, id);
 }
 
 static void drop(aux_t *a, aux_req_t *r) {
-    for (aux_req_t **p = &a->reqs; *p; p = &(*p)->next)
-        if (*p == r) {
-            *p = r->next;
-            break;
-        }
-    if (a->turn == r) a->turn = r->next;
+    kvp_svc_reqs_remove(&a->reqs, &r->req);
     free(r->toks);
     free(r->starts);
     free(r->logits);
@@ -84,39 +72,27 @@ static void drop(aux_t *a, aux_req_t *r) {
     kvp_sampler_free(&r->sampler);
     kvp_events_free(&r->ev);
     free(r);
-    a->n_reqs--;
     if (a->stage.trace) kvp_trace_flush(a->stage.trace, NULL);
 }
 
 static void mark(aux_t *a, aux_req_t *r, kvp_events_t *ev, const char *event, int32_t chunk) {
-    kvp_events_mark(&a->stage, ev, r->id, event, chunk, 0, 0); /* the entry clock */
-}
-
-static void cancel_down(aux_t *a, const char *id, const char *reason) {
-    Kvpred__Cancel c = KVPRED__CANCEL__INIT;
-    c.request_id = (char *)id;
-    c.reason = (char *)reason;
-    Kvpred__Envelope env = KVPRED__ENVELOPE__INIT;
-    env.body_case = KVPRED__ENVELOPE__BODY_CANCEL;
-    env.cancel = &c;
-    kvp_err_t err = {0};
-    kvp_wire_send(kvp_link_dealer_socket(a->down), &env, NULL, 0, &err);
+    kvp_events_mark(&a->stage, ev, r->req.id, event, chunk, 0, 0); /* the entry clock */
 }
 
 static void fail(aux_t *a, aux_req_t *r, int code, const char *stage, const char *msg) {
     kvp_err_t err = {0};
     mark(a, r, NULL, KVP_EV_ERROR, -1);
-    kvp_wire_send_error(kvp_link_router_socket(a->front), &r->client, r->id, code, stage, msg,
+    kvp_wire_send_error(kvp_link_router_socket(a->front), &r->req.peer, r->req.id, code, stage, msg,
                         &err);
-    if (r->mode != KVPRED__MODE__MODE_AUX_ONLY) cancel_down(a, r->id, msg);
-    kvp_stage_log(&a->stage, "request %s failed: %s", r->id, msg);
+    if (r->mode != KVPRED__MODE__MODE_AUX_ONLY) kvp_svc_send_cancel(a->down, r->req.id, msg);
+    kvp_stage_log(&a->stage, "request %s failed: %s", r->req.id, msg);
     drop(a, r);
 }
 
 static void send_client(aux_t *a, aux_req_t *r, Kvpred__Envelope *env) {
     kvp_err_t err = {0};
-    if (kvp_wire_send_to(kvp_link_router_socket(a->front), &r->client, env, NULL, 0, &err))
-        kvp_stage_log(&a->stage, "to client of %s: %s", r->id, err.msg);
+    if (kvp_wire_send_to(kvp_link_router_socket(a->front), &r->req.peer, env, NULL, 0, &err))
+        kvp_stage_log(&a->stage, "to client of %s: %s", r->req.id, err.msg);
 }
 
 /* ---- a new request -------------------------------------------------------- */
@@ -151,7 +127,7 @@ static int tokenize(aux_t *a, aux_req_t *r, const Kvpred__Request *q, char *why,
 
 static void send_reserve(aux_t *a, aux_req_t *r) {
     Kvpred__Reserve rs = KVPRED__RESERVE__INIT;
-    rs.request_id = r->id;
+    rs.request_id = r->req.id;
     rs.n_prompt = (uint32_t)r->n_prompt;
     rs.mode = (Kvpred__Mode)r->mode;
     rs.params = &r->params;
@@ -177,19 +153,15 @@ static void send_reserve(aux_t *a, aux_req_t *r) {
 /* Sends the Reserve once the predictor link is up; fails the request when the
  * link was refused or stays down past the peer timeout. */
 static void start_pending(aux_t *a, aux_req_t *r) {
-    kvp_link_state_t st = kvp_link_dealer_state(a->down);
-    if (st == KVP_LINK_READY) {
+    char why[KVP_ERR_MSG_MAX + 128];
+    int go = kvp_svc_link_wait(&a->stage, a->down, KVP_STAGE_PREDICTOR, a->link_err,
+                               r->pending_since, why, sizeof why);
+    if (go > 0) {
         r->st = A_RESERVING;
         send_reserve(a, r);
-        return;
+    } else if (go < 0) {
+        fail(a, r, KVP_EPEER, a->stage.name, why);
     }
-    double wait = a->cfg->c.peer_timeout > 0 ? a->cfg->c.peer_timeout : 2.0;
-    if (st == KVP_LINK_HANDSHAKE && kvp_now() - r->pending_since < wait) return;
-    char why[KVP_ERR_MSG_MAX + 128];
-    snprintf(why, sizeof why, "the link to the predictor at %s is %s%s%.400s",
-             kvp_link_dealer_endpoint(a->down), kvp_link_state_name(st), a->link_err[0] ? ": " : "",
-             a->link_err);
-    fail(a, r, KVP_EPEER, a->stage.name, why);
 }
 
 static int setup_aux_only(aux_t *a, aux_req_t *r, kvp_err_t *err) {
@@ -217,8 +189,8 @@ static void on_request(aux_t *a, const kvp_wire_id_t *from, const Kvpred__Reques
     if (find(a, id))
         return (void)kvp_wire_send_error(fs, from, id, KVP_EINVAL, a->stage.name,
                                          "request id already in flight", &err);
-    if (a->n_reqs >= a->cfg->c.max_requests) {
-        snprintf(why, sizeof why, "aux-prefill busy: %d of %d requests in flight", a->n_reqs,
+    if (a->reqs.n >= a->cfg->c.max_requests) {
+        snprintf(why, sizeof why, "aux-prefill busy: %d of %d requests in flight", a->reqs.n,
                  a->cfg->c.max_requests);
         return (void)kvp_wire_send_error(fs, from, id, KVP_EBUSY, a->stage.name, why, &err);
     }
@@ -226,13 +198,12 @@ static void on_request(aux_t *a, const kvp_wire_id_t *from, const Kvpred__Reques
     if (!r)
         return (void)kvp_wire_send_error(fs, from, id, KVP_ENOMEM, a->stage.name, "out of memory",
                                          &err);
-    memcpy(r->id, id, sizeof id);
-    r->client = *from;
+    memcpy(r->req.id, id, sizeof id);
+    r->req.peer = *from;
     r->mode = q->mode;
-    r->next = a->reqs;
-    a->reqs = r;
-    a->n_reqs++;
-    kvp_events_mark_num(&a->stage, &r->ev, r->id, KVP_EV_ACCEPTED, -1, 0, 0, KVP_NUM_MODE, q->mode);
+    kvp_svc_reqs_add(&a->reqs, &r->req);
+    kvp_events_mark_num(&a->stage, &r->ev, r->req.id, KVP_EV_ACCEPTED, -1, 0, 0, KVP_NUM_MODE,
+                        q->mode);
     kvpred__gen_params__init(&r->params);
     if (q->params) {
         r->params.n_predict = q->params->n_predict;
@@ -245,7 +216,7 @@ static void on_request(aux_t *a, const kvp_wire_id_t *from, const Kvpred__Reques
         r->params.n_predict = 16;
     }
     r->deadline_ms = q->deadline_ms ? (int)q->deadline_ms : a->cfg->c.deadline_ms;
-    r->deadline = kvp_now() + r->deadline_ms / 1e3;
+    r->req.deadline = kvp_now() + r->deadline_ms / 1e3;
     int max_chunk = a->cfg->c.max_chunk_tokens;
     r->chunk = q->chunk_tokens ? (int)q->chunk_tokens : a->cfg->chunk_tokens;
     if (r->chunk <= 0 || r->chunk > max_chunk) r->chunk = r->chunk <= 0 ? 128 : max_chunk;
@@ -258,10 +229,10 @@ static void on_request(aux_t *a, const kvp_wire_id_t *from, const Kvpred__Reques
                                       a->cfg->tail_tokens ? a->cfg->tail_tokens : 16, r->starts);
     if (r->mode == KVPRED__MODE__MODE_AUX_ONLY) /* it prefills every prompt token */
         r->n_chunks = (r->n_prompt + r->chunk - 1) / r->chunk;
-    kvp_events_mark_num(&a->stage, &r->ev, r->id, KVP_EV_TOKENIZED, -1, 0, 0, KVP_NUM_CHUNKS,
+    kvp_events_mark_num(&a->stage, &r->ev, r->req.id, KVP_EV_TOKENIZED, -1, 0, 0, KVP_NUM_CHUNKS,
                         r->mode == KVPRED__MODE__MODE_BASELINE ? 0 : r->n_chunks);
     if (a->cfg->c.verbose)
-        kvp_stage_log(&a->stage, "request %s: %d tokens, %s, %d chunks", r->id, r->n_prompt,
+        kvp_stage_log(&a->stage, "request %s: %d tokens, %s, %d chunks", r->req.id, r->n_prompt,
                       mode_name(r->mode), r->n_chunks);
     if (r->mode == KVPRED__MODE__MODE_AUX_ONLY) {
         if (setup_aux_only(a, r, &err)) fail(a, r, err.code, a->stage.name, err.msg);
@@ -276,11 +247,6 @@ static void on_request(aux_t *a, const kvp_wire_id_t *from, const Kvpred__Reques
 }
 
 /* ---- model work ---------------------------------------------------------- */
-
-static void free_buf(void *data, void *hint) {
-    (void)hint;
-    free(data);
-}
 
 /* Computes the next chunk of the auxiliary prefill and sends its K/V. */
 static void work_chunk(aux_t *a, aux_req_t *r) {
@@ -307,8 +273,8 @@ static void work_chunk(aux_t *a, aux_req_t *r) {
                 free((void *)t[j].data), free((void *)t[L + j].data);
             break;
         }
-        t[l] = (kvp_wire_tensor_t){kb, vals, free_buf, NULL};
-        t[L + l] = (kvp_wire_tensor_t){vb, vals, free_buf, NULL};
+        t[l] = (kvp_wire_tensor_t){kb, vals, kvp_svc_free_frame, NULL};
+        t[L + l] = (kvp_wire_tensor_t){vb, vals, kvp_svc_free_frame, NULL};
     }
     if (oom) {
         free(t);
@@ -316,10 +282,8 @@ static void work_chunk(aux_t *a, aux_req_t *r) {
         return fail(a, r, KVP_ENOMEM, a->stage.name, "out of memory for a chunk");
     }
     mark(a, r, &ev, KVP_EV_CHUNK_SENT, k);
-    kvp_events_proto_t ep;
-    int n_ev = kvp_events_to_proto(&ev, 0, &ep);
     Kvpred__Chunk c = KVPRED__CHUNK__INIT;
-    c.request_id = r->id;
+    c.request_id = r->req.id;
     c.seq = (uint32_t)k;
     c.layer_begin = 0;
     c.layer_end = (uint32_t)L;
@@ -329,13 +293,7 @@ static void work_chunk(aux_t *a, aux_req_t *r) {
     c.n_kv_head = (uint32_t)mc->n_kv_head;
     c.head_dim = (uint32_t)mc->head_dim;
     c.last = k + 1 == r->n_chunks;
-    c.trace = ep.ptrs;
-    c.n_trace = n_ev > 0 ? (size_t)n_ev : 0;
-    Kvpred__Envelope env = KVPRED__ENVELOPE__INIT;
-    env.body_case = KVPRED__ENVELOPE__BODY_CHUNK;
-    env.chunk = &c;
-    int rc = kvp_wire_send(kvp_link_dealer_socket(a->down), &env, t, 2 * (size_t)L, &err);
-    kvp_events_proto_free(&ep);
+    int rc = kvp_svc_send_chunk(a->down, &c, &ev, t, 2 * (size_t)L, &err);
     free(t);
     kvp_events_free(&ev);
     if (rc) return fail(a, r, KVP_EPEER, a->stage.name, err.msg);
@@ -347,38 +305,20 @@ static void work_chunk(aux_t *a, aux_req_t *r) {
 }
 
 static void send_token(aux_t *a, aux_req_t *r, int32_t tok) {
-    char piece[256];
-    int n = kvp_tokenizer_piece(a->cfg->tok, tok, piece, sizeof piece);
-    Kvpred__Token t = KVPRED__TOKEN__INIT;
-    t.request_id = r->id;
-    t.index = (uint32_t)r->n_generated;
-    t.id = tok;
-    t.piece.data = (uint8_t *)piece;
-    t.piece.len = n > 0 ? (size_t)(n < (int)sizeof piece ? n : (int)sizeof piece) : 0;
-    t.wall_ns = kvp_wall_ns();
-    Kvpred__Envelope env = KVPRED__ENVELOPE__INIT;
-    env.body_case = KVPRED__ENVELOPE__BODY_TOKEN;
-    env.token = &t;
-    send_client(a, r, &env);
+    kvp_svc_token_msg_t tm;
+    kvp_svc_token_msg(&tm, a->cfg->tok, r->req.id, r->n_generated, tok);
+    send_client(a, r, &tm.env);
 }
 
 static void send_done(aux_t *a, aux_req_t *r, Kvpred__TraceEvent *const *down, size_t n_down,
                       uint32_t n_generated) {
     kvp_events_t all = {0};
-    kvp_events_add_proto(&all, down, n_down, r->id);
+    kvp_events_add_proto(&all, down, n_down, r->req.id);
     kvp_events_append(&all, r->ev.recs, r->ev.n); /* ours: accepted, tokenized, ... */
-    kvp_events_proto_t ep;
-    int n = kvp_events_to_proto(&all, 0, &ep);
-    Kvpred__Done done = KVPRED__DONE__INIT;
-    done.request_id = r->id;
-    done.n_generated = n_generated;
-    done.trace = ep.ptrs;
-    done.n_trace = n > 0 ? (size_t)n : 0;
-    Kvpred__Envelope env = KVPRED__ENVELOPE__INIT;
-    env.body_case = KVPRED__ENVELOPE__BODY_DONE;
-    env.done = &done;
-    send_client(a, r, &env);
-    kvp_events_proto_free(&ep);
+    kvp_svc_done_msg_t dm;
+    kvp_svc_done_msg(&dm, r->req.id, n_generated, &all);
+    send_client(a, r, &dm.env);
+    kvp_svc_done_msg_free(&dm);
     kvp_events_free(&all);
 }
 
@@ -415,18 +355,14 @@ static void work_aux_only(aux_t *a, aux_req_t *r) {
     }
 }
 
-static int has_work(const aux_req_t *r) {
+static int has_work(const kvp_svc_req_t *q) {
+    const aux_req_t *r = (const aux_req_t *)q;
     return (r->st == A_STREAMING && r->credits > 0 && r->next_chunk < r->n_chunks) ||
            r->st == A_AUX_PREFILL || r->st == A_AUX_DECODE;
 }
 
 static aux_req_t *next_work(aux_t *a) {
-    aux_req_t *start = a->turn && a->turn->next ? a->turn->next : a->reqs;
-    for (aux_req_t *r = start; r; r = r->next)
-        if (has_work(r)) return a->turn = r;
-    for (aux_req_t *r = a->reqs; r && r != start; r = r->next)
-        if (has_work(r)) return a->turn = r;
-    return NULL;
+    return (aux_req_t *)kvp_svc_reqs_next_work(&a->reqs, has_work);
 }
 
 static void work(aux_t *a, aux_req_t *r) {
@@ -438,33 +374,28 @@ static void work(aux_t *a, aux_req_t *r) {
 
 /* ---- messages ------------------------------------------------------------ */
 
-static void on_front(aux_t *a, kvp_wire_msg_t *m) {
+static void on_front(void *stage, kvp_wire_msg_t *m) {
+    aux_t *a = stage;
     Kvpred__Envelope *env = m->env;
-    kvp_err_t err = {0};
     switch (env->body_case) {
     case KVPRED__ENVELOPE__BODY_REQUEST:
         return on_request(a, &m->from, env->request);
     case KVPRED__ENVELOPE__BODY_CANCEL: {
         aux_req_t *r = find(a, kvp_wire_request_id(env));
-        if (r && r->client.len == m->from.len &&
-            !memcmp(r->client.bytes, m->from.bytes, r->client.len)) {
+        if (r && kvp_svc_same_peer(&r->req.peer, &m->from)) {
             if (r->mode != KVPRED__MODE__MODE_AUX_ONLY)
-                cancel_down(a, r->id, "cancelled by the client");
+                kvp_svc_send_cancel(a->down, r->req.id, "cancelled by the client");
             drop(a, r);
         }
         return;
     }
-    default: {
-        char msg[128];
-        snprintf(msg, sizeof msg, "aux-prefill does not take %s messages from clients",
-                 kvp_wire_body_name(env->body_case));
-        kvp_wire_send_error(kvp_link_router_socket(a->front), &m->from, kvp_wire_request_id(env),
-                            KVP_EINVAL, a->stage.name, msg, &err);
-    }
+    default:
+        kvp_svc_refuse_body(&a->stage, a->front, m, "aux-prefill", " from clients");
     }
 }
 
-static void on_down(aux_t *a, kvp_wire_msg_t *m) {
+static void on_down(void *stage, kvp_wire_msg_t *m) {
+    aux_t *a = stage;
     Kvpred__Envelope *env = m->env;
     aux_req_t *r = find(a, kvp_wire_request_id(env));
     if (!r || r->mode == KVPRED__MODE__MODE_AUX_ONLY) return;
@@ -483,15 +414,15 @@ static void on_down(aux_t *a, kvp_wire_msg_t *m) {
         return;
     case KVPRED__ENVELOPE__BODY_DONE:
         send_done(a, r, env->done->trace, env->done->n_trace, env->done->n_generated);
-        if (a->cfg->c.verbose) kvp_stage_log(&a->stage, "request %s done", r->id);
+        if (a->cfg->c.verbose) kvp_stage_log(&a->stage, "request %s done", r->req.id);
         drop(a, r);
         return;
     case KVPRED__ENVELOPE__BODY_ERROR: {
         Kvpred__Error *e = env->error;
         kvp_err_t err = {0};
-        kvp_wire_send_error(kvp_link_router_socket(a->front), &r->client, r->id, e->code, e->stage,
-                            e->message, &err);
-        kvp_stage_log(&a->stage, "request %s failed at %s: %s", r->id, e->stage, e->message);
+        kvp_wire_send_error(kvp_link_router_socket(a->front), &r->req.peer, r->req.id, e->code,
+                            e->stage, e->message, &err);
+        kvp_stage_log(&a->stage, "request %s failed at %s: %s", r->req.id, e->stage, e->message);
         drop(a, r);
         return;
     }
@@ -500,78 +431,55 @@ static void on_down(aux_t *a, kvp_wire_msg_t *m) {
     }
 }
 
-static void fail_downstream(aux_t *a, const char *why) {
-    for (aux_req_t *r = a->reqs, *nx; r; r = nx) {
-        nx = r->next;
+/* The predictor link failed or went silent: every request that needs it
+ * fails, and those that arrive while it is down are told why. */
+static void lost_down(void *stage, const char *why) {
+    aux_t *a = stage;
+    kvp_stage_log(&a->stage, "%s", why);
+    snprintf(a->link_err, sizeof a->link_err, "%s", why);
+    for (kvp_svc_req_t *q = a->reqs.head, *nx; q; q = nx) {
+        aux_req_t *r = (aux_req_t *)q;
+        nx = q->next;
         if (r->mode != KVPRED__MODE__MODE_AUX_ONLY) fail(a, r, KVP_EPEER, a->stage.name, why);
     }
 }
 
-static void drain_front(aux_t *a, kvp_wire_msg_t *m) {
-    for (;;) {
-        kvp_err_t err = {0};
-        int rc = kvp_wire_recv_from(kvp_link_router_socket(a->front), &a->lim_front, 0, m, &err);
-        if (rc == KVP_ETIMEOUT) return;
-        if (rc) {
-            kvp_stage_log(&a->stage, "refused a client message: %s", err.msg);
-            kvp_wire_send_error(kvp_link_router_socket(a->front), &m->from,
-                                m->env ? kvp_wire_request_id(m->env) : "", rc, a->stage.name,
-                                err.msg, &err);
-            if (rc == KVP_EIO) return;
-            continue;
-        }
-        rc = kvp_link_router_handle(a->front, m, kvp_now(), &err);
-        if (rc < 0)
-            kvp_stage_log(&a->stage, "%s", err.msg);
-        else if (rc == KVP_LINK_APP)
-            on_front(a, m);
-    }
+static void refused_front(void *stage, kvp_wire_msg_t *m, int code, const char *why) {
+    aux_t *a = stage;
+    kvp_svc_send_error(&a->stage, a->front, &m->from, m->env ? kvp_wire_request_id(m->env) : "",
+                       code, why);
 }
 
-static void drain_down(aux_t *a, kvp_wire_msg_t *m) {
-    for (;;) {
-        kvp_err_t err = {0};
-        int rc = kvp_wire_recv(kvp_link_dealer_socket(a->down), &a->lim_down, 0, m, &err);
-        if (rc == KVP_ETIMEOUT) return;
-        if (rc) {
-            kvp_stage_log(&a->stage, "refused a message from the predictor: %s", err.msg);
-            aux_req_t *r = m->env ? find(a, kvp_wire_request_id(m->env)) : NULL;
-            if (r) fail(a, r, rc, a->stage.name, err.msg);
-            if (rc == KVP_EIO) return;
-            continue;
-        }
-        rc = kvp_link_dealer_handle(a->down, m, kvp_now(), &err);
-        if (rc < 0) {
-            kvp_stage_log(&a->stage, "%s", err.msg);
-            snprintf(a->link_err, sizeof a->link_err, "%s", err.msg);
-            fail_downstream(a, err.msg);
-        } else if (rc == KVP_LINK_APP) {
-            on_down(a, m);
-        }
-    }
+static void refused_down(void *stage, kvp_wire_msg_t *m, int code, const char *why) {
+    aux_t *a = stage;
+    aux_req_t *r = m->env ? find(a, kvp_wire_request_id(m->env)) : NULL;
+    if (r) fail(a, r, code, a->stage.name, why);
 }
+
+static const kvp_svc_inbox_t front_inbox = {
+    .refused = "refused a client message", .on_refused = refused_front, .on_message = on_front};
+static const kvp_svc_inbox_t down_inbox = {.refused = "refused a message from the predictor",
+                                           .on_refused = refused_down,
+                                           .on_link_error = lost_down,
+                                           .on_message = on_down};
 
 static void check_timers(aux_t *a) {
     double now = kvp_now();
     kvp_err_t err = {0};
-    if (kvp_link_dealer_tick(a->down, now, &err) == KVP_ETIMEOUT) {
-        kvp_stage_log(&a->stage, "%s", err.msg);
-        snprintf(a->link_err, sizeof a->link_err, "%s", err.msg);
-        fail_downstream(a, err.msg);
-    }
-    for (aux_req_t *r = a->reqs, *nx; r; r = nx) {
-        nx = r->next;
+    if (kvp_link_dealer_tick(a->down, now, &err) == KVP_ETIMEOUT) lost_down(a, err.msg);
+    for (kvp_svc_req_t *q = a->reqs.head, *nx; q; q = nx) {
+        aux_req_t *r = (aux_req_t *)q;
+        nx = q->next;
         if (r->st == A_PENDING) start_pending(a, r);
     }
     kvp_wire_id_t dead;
     while (kvp_link_router_tick(a->front, now, &dead, &err) == 1) {
-        for (aux_req_t *r = a->reqs, *nx; r; r = nx) {
-            nx = r->next;
-            if (r->client.len == dead.len && !memcmp(r->client.bytes, dead.bytes, dead.len)) {
-                if (r->mode != KVPRED__MODE__MODE_AUX_ONLY)
-                    cancel_down(a, r->id, "the client went silent");
-                drop(a, r);
-            }
+        kvp_svc_req_t *q;
+        while ((q = kvp_svc_reqs_from_peer(&a->reqs, &dead))) {
+            aux_req_t *r = (aux_req_t *)q;
+            if (r->mode != KVPRED__MODE__MODE_AUX_ONLY)
+                kvp_svc_send_cancel(a->down, r->req.id, "the client went silent");
+            drop(a, r);
         }
     }
     static const char *const states[] = {"waiting for the link to the predictor",
@@ -580,14 +488,13 @@ static void check_timers(aux_t *a) {
                                          "waiting for tokens",
                                          "aux prefill",
                                          "aux decoding"};
-    for (aux_req_t *r = a->reqs, *nx; r; r = nx) {
-        nx = r->next;
-        if (now > r->deadline) {
-            char msg[256];
-            snprintf(msg, sizeof msg, "deadline of %d ms passed while %s (chunk %d of %d)",
-                     r->deadline_ms, states[r->st], r->next_chunk, r->n_chunks);
-            fail(a, r, KVP_ETIMEOUT, a->stage.name, msg);
-        }
+    kvp_svc_req_t *q;
+    while ((q = kvp_svc_reqs_expired(&a->reqs, now, 0))) {
+        aux_req_t *r = (aux_req_t *)q;
+        char msg[256];
+        snprintf(msg, sizeof msg, "deadline of %d ms passed while %s (chunk %d of %d)",
+                 r->deadline_ms, states[r->st], r->next_chunk, r->n_chunks);
+        fail(a, r, KVP_ETIMEOUT, a->stage.name, msg);
     }
 }
 
@@ -597,26 +504,18 @@ static int aux_open(aux_t *a, const kvp_aux_cfg_t *cfg, kvp_err_t *err) {
     if (rc) return rc;
     char fp[17];
     kvp_model_fingerprint(m, fp);
-    Kvpred__Hello h = KVPRED__HELLO__INIT;
+    Kvpred__Hello h;
     Kvpred__CacheShape as;
+    kvp_svc_hello_init(&h, &a->stage);
     kvp_cache_shape_of(&as, m);
-    h.role = (char *)KVP_STAGE_AUX;
     h.aux_fingerprint = fp;
     h.aux_shape = &as;
-    h.dtype = (Kvpred__DType)cfg->c.dtype;
-    h.max_chunk_tokens = (uint32_t)cfg->c.max_chunk_tokens;
-    kvp_link_settings_t ls;
-    kvp_link_settings_from(&ls, &cfg->c, a->stage.name, NULL);
-    ls.curve = cfg->c.curve_server;
-    ls.hello_mask = KVP_WIRE_HELLO_PROTOCOL_VERSION; /* clients know no fingerprints */
-    rc = kvp_link_router_new(&a->front, a->stage.ctx,
-                             cfg->listen ? cfg->listen : KVP_SVC_AUX_ENDPOINT, &h, &ls, err);
+    /* clients know no fingerprints */
+    rc = kvp_svc_listen(&a->stage, cfg->listen ? cfg->listen : KVP_SVC_AUX_ENDPOINT, &h,
+                        KVP_WIRE_HELLO_PROTOCOL_VERSION, &a->front, err);
     if (rc) return rc;
-    kvp_link_settings_from(&ls, &cfg->c, a->stage.name, KVP_STAGE_PREDICTOR);
-    ls.curve = cfg->c.curve_client;
-    rc = kvp_link_dealer_new(&a->down, a->stage.ctx,
-                             cfg->downstream ? cfg->downstream : KVP_SVC_PRED_ENDPOINT, &h, &ls,
-                             kvp_now(), err);
+    rc = kvp_svc_connect(&a->stage, cfg->downstream ? cfg->downstream : KVP_SVC_PRED_ENDPOINT,
+                         KVP_STAGE_PREDICTOR, &h, &a->down, err);
     if (rc) return rc;
     kvp_wire_limits_init(&a->lim_front, 0, 0, 0, 0);
     kvp_wire_limits_init(&a->lim_down, 0, 0, 0, 0);
@@ -626,8 +525,8 @@ static int aux_open(aux_t *a, const kvp_aux_cfg_t *cfg, kvp_err_t *err) {
 }
 
 static void aux_close(aux_t *a) {
-    while (a->reqs)
-        drop(a, a->reqs);
+    while (a->reqs.head)
+        drop(a, (aux_req_t *)a->reqs.head);
     kvp_model_ctx_free(&a->mctx);
     kvp_link_dealer_free(&a->down);
     kvp_link_router_free(&a->front);
@@ -648,15 +547,9 @@ int kvp_svc_aux_run(const kvp_aux_cfg_t *cfg, kvp_err_t *err) {
     kvp_wire_msg_t m;
     kvp_wire_msg_init(&m);
     while (!kvp_stage_stopped(&a.stage)) {
-        double now = kvp_now();
-        double d1 = kvp_link_dealer_deadline(a.down), d2 = kvp_link_router_deadline(a.front);
-        int timeout = next_work(&a) ? 0 : kvp_link_poll_ms(d1 < d2 ? d1 : d2, now);
-        if (timeout < 0 || timeout > 100) timeout = 100;
-        zmq_pollitem_t it[2] = {{kvp_link_router_socket(a.front), 0, ZMQ_POLLIN, 0},
-                                {kvp_link_dealer_socket(a.down), 0, ZMQ_POLLIN, 0}};
-        zmq_poll(it, 2, timeout);
-        drain_down(&a, &m);
-        drain_front(&a, &m);
+        kvp_svc_poll(a.front, a.down, next_work(&a) != NULL);
+        kvp_svc_drain_dealer(&a.stage, a.down, &a.lim_down, &m, &down_inbox, &a);
+        kvp_svc_drain_router(&a.stage, a.front, &a.lim_front, &m, &front_inbox, &a);
         check_timers(&a);
         aux_req_t *r = next_work(&a);
         if (r) work(&a, r);

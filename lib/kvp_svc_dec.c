@@ -8,8 +8,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <zmq.h>
-
 #include "kvp_sampler.h"
 #include "kvp_svc.h"
 #include "kvp_svc_util.h"
@@ -18,8 +16,7 @@
 typedef enum { D_CHUNKS, D_PREFILL, D_FIRST_STEP, D_DECODE } dec_state_t;
 
 typedef struct dec_req {
-    char id[KVP_TRACE_ID_MAX];
-    kvp_wire_id_t up; /* the predictor it came through */
+    kvp_svc_req_t req; /* first (kvp_svc_req_t); req.peer is the predictor it came through */
     int mode;
     dec_state_t st;
     int n_prompt, n_ctx; /* n_ctx: positions the chunks fill (n_prompt - 1) */
@@ -33,10 +30,8 @@ typedef struct dec_req {
     kvp_kvcache_t *cache;
     kvp_sampler_t *sampler;
     float *logits;
-    double deadline;
     int64_t offset_ns, offset_err_ns; /* our clock minus the entry clock */
     kvp_events_t ev;
-    struct dec_req *next;
 } dec_req_t;
 
 typedef struct dec {
@@ -46,9 +41,7 @@ typedef struct dec {
     kvp_wire_limits_t lim;
     kvp_model_ctx_t *mctx;
     float *kbuf, *vbuf; /* one layer of one chunk */
-    dec_req_t *reqs;
-    int n_reqs;
-    dec_req_t *turn; /* round-robin position */
+    kvp_svc_reqs_t reqs;
 } dec_t;
 
 static void req_free(dec_req_t *r) {
@@ -62,21 +55,13 @@ static void req_free(dec_req_t *r) {
 }
 
 static dec_req_t *find(dec_t *d, const char *id) {
-    for (dec_req_t *r = d->reqs; r; r = r->next)
-        if (!strcmp(r->id, id)) return r;
-    return NULL;
+    return (dec_req_t *)kvp_svc_reqs_find(&d->reqs, id);
 }
 
 static void drop(dec_t *d, dec_req_t *r) {
-    for (dec_req_t **p = &d->reqs; *p; p = &(*p)->next)
-        if (*p == r) {
-            *p = r->next;
-            break;
-        }
-    if (d->turn == r) d->turn = r->next;
+    kvp_svc_reqs_remove(&d->reqs, &r->req);
     if (d->stage.trace) kvp_trace_flush(d->stage.trace, NULL);
     req_free(r);
-    d->n_reqs--;
 }
 
 static void send_env(dec_t *d, const kvp_wire_id_t *to, Kvpred__Envelope *env) {
@@ -93,11 +78,9 @@ static void fail(dec_t *d, dec_req_t *r, int code, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    kvp_events_mark(&d->stage, NULL, r->id, KVP_EV_ERROR, -1, r->offset_ns, r->offset_err_ns);
-    kvp_err_t err = {0};
-    kvp_wire_send_error(kvp_link_router_socket(d->up), &r->up, r->id, code, d->stage.name, msg,
-                        &err);
-    kvp_stage_log(&d->stage, "request %s failed: %s", r->id, msg);
+    kvp_events_mark(&d->stage, NULL, r->req.id, KVP_EV_ERROR, -1, r->offset_ns, r->offset_err_ns);
+    kvp_svc_send_error(&d->stage, d->up, &r->req.peer, r->req.id, code, msg);
+    kvp_stage_log(&d->stage, "request %s failed: %s", r->req.id, msg);
     drop(d, r);
 }
 
@@ -149,62 +132,55 @@ static int req_alloc(dec_t *d, dec_req_t *r, const Kvpred__Reserve *rs, kvp_err_
 static void on_reserve(dec_t *d, const kvp_wire_id_t *from, const Kvpred__Reserve *rs) {
     char id[KVP_TRACE_ID_MAX], why[256];
     kvp_err_t err = {0};
-    if (!kvp_copy_id(id, sizeof id, rs->request_id)) {
-        kvp_wire_send_error(kvp_link_router_socket(d->up), from, "", KVP_EINVAL, d->stage.name,
-                            "reserve: request_id empty or longer than 63 bytes", &err);
-        return;
-    }
+    if (!kvp_copy_id(id, sizeof id, rs->request_id))
+        return kvp_svc_send_error(&d->stage, d->up, from, "", KVP_EINVAL,
+                                  "reserve: request_id empty or longer than 63 bytes");
     if (find(d, id) || reserve_check(d, rs, why, sizeof why) ||
-        d->n_reqs >= d->cfg->c.max_requests) {
-        int busy = !find(d, id) && d->n_reqs >= d->cfg->c.max_requests;
+        d->reqs.n >= d->cfg->c.max_requests) {
+        int busy = !find(d, id) && d->reqs.n >= d->cfg->c.max_requests;
         char msg[320];
         if (find(d, id))
             snprintf(msg, sizeof msg, "request id %s is already in flight", id);
         else if (busy)
-            snprintf(msg, sizeof msg, "decoder busy: %d of %d caches in use", d->n_reqs,
+            snprintf(msg, sizeof msg, "decoder busy: %d of %d caches in use", d->reqs.n,
                      d->cfg->c.max_requests);
         else
             snprintf(msg, sizeof msg, "reserve refused: %s", why);
-        kvp_wire_send_error(kvp_link_router_socket(d->up), from, id, busy ? KVP_EBUSY : KVP_EINVAL,
-                            d->stage.name, msg, &err);
-        return;
+        return kvp_svc_send_error(&d->stage, d->up, from, id, busy ? KVP_EBUSY : KVP_EINVAL, msg);
     }
     dec_req_t *r = calloc(1, sizeof *r);
     if (!r || req_alloc(d, r, rs, &err)) {
-        kvp_wire_send_error(kvp_link_router_socket(d->up), from, id, KVP_ENOMEM, d->stage.name,
-                            r ? err.msg : "out of memory", &err);
+        kvp_svc_send_error(&d->stage, d->up, from, id, KVP_ENOMEM, r ? err.msg : "out of memory");
         if (r) req_free(r);
         return;
     }
-    memcpy(r->id, id, sizeof id);
-    r->up = *from;
+    memcpy(r->req.id, id, sizeof id);
+    r->req.peer = *from;
     r->mode = rs->mode;
     r->offset_ns = rs->clock_offset_ns;
     r->offset_err_ns = rs->clock_offset_err_ns;
     int timeout_ms = d->cfg->c.deadline_ms;
     if (rs->deadline_wall_ns > 0) /* the request's own deadline, on our clock */
         timeout_ms = (int)((rs->deadline_wall_ns + r->offset_ns - kvp_wall_ns()) / 1000000);
-    r->deadline = kvp_now() + (timeout_ms > 0 ? timeout_ms : 0) / 1e3;
+    r->req.deadline = kvp_now() + (timeout_ms > 0 ? timeout_ms : 0) / 1e3;
     if (r->mode == KVPRED__MODE__MODE_BASELINE)
         r->st = D_PREFILL;
     else
         r->st = r->n_ctx == 0 ? D_FIRST_STEP : D_CHUNKS;
     if (r->mode == KVPRED__MODE__MODE_KVP && r->n_ctx == 0) /* a one-token prompt */
-        kvp_events_mark(&d->stage, &r->ev, r->id, KVP_EV_CACHE_COMPLETE, -1, r->offset_ns,
+        kvp_events_mark(&d->stage, &r->ev, r->req.id, KVP_EV_CACHE_COMPLETE, -1, r->offset_ns,
                         r->offset_err_ns);
     r->last = r->tokens[r->n_tokens - 1];
-    r->next = d->reqs;
-    d->reqs = r;
-    d->n_reqs++;
+    kvp_svc_reqs_add(&d->reqs, &r->req);
     Kvpred__Reserved ok = KVPRED__RESERVED__INIT;
-    ok.request_id = r->id;
+    ok.request_id = r->req.id;
     ok.credits = (uint32_t)(d->cfg->credits > 0 ? d->cfg->credits : 4);
     Kvpred__Envelope env = KVPRED__ENVELOPE__INIT;
     env.body_case = KVPRED__ENVELOPE__BODY_RESERVED;
     env.reserved = &ok;
     send_env(d, from, &env);
     if (d->cfg->c.verbose)
-        kvp_stage_log(&d->stage, "request %s: %d prompt tokens, mode %d", r->id, r->n_prompt,
+        kvp_stage_log(&d->stage, "request %s: %d prompt tokens, mode %d", r->req.id, r->n_prompt,
                       r->mode);
 }
 
@@ -219,8 +195,8 @@ static void on_chunk(dec_t *d, const kvp_wire_msg_t *m) {
             kvp_stage_log(&d->stage, "chunk for unknown request %s dropped", c->request_id);
         return;
     }
-    kvp_events_add_proto(&r->ev, c->trace, c->n_trace, r->id);
-    kvp_events_mark(&d->stage, &r->ev, r->id, KVP_EV_DEC_RECV, (int32_t)c->seq, r->offset_ns,
+    kvp_events_add_proto(&r->ev, c->trace, c->n_trace, r->req.id);
+    kvp_events_mark(&d->stage, &r->ev, r->req.id, KVP_EV_DEC_RECV, (int32_t)c->seq, r->offset_ns,
                     r->offset_err_ns);
     const kvp_model_config_t *mc = &d->cfg->model->cfg;
     if (r->st != D_CHUNKS)
@@ -246,17 +222,17 @@ static void on_chunk(dec_t *d, const kvp_wire_msg_t *m) {
             r->have[p] = 1;
             r->n_have++;
         }
-    kvp_events_mark(&d->stage, &r->ev, r->id, KVP_EV_DEC_WRITTEN, (int32_t)c->seq, r->offset_ns,
+    kvp_events_mark(&d->stage, &r->ev, r->req.id, KVP_EV_DEC_WRITTEN, (int32_t)c->seq, r->offset_ns,
                     r->offset_err_ns);
     Kvpred__Credit cr = KVPRED__CREDIT__INIT;
-    cr.request_id = r->id;
+    cr.request_id = r->req.id;
     cr.credits = 1;
     Kvpred__Envelope env = KVPRED__ENVELOPE__INIT;
     env.body_case = KVPRED__ENVELOPE__BODY_CREDIT;
     env.credit = &cr;
-    send_env(d, &r->up, &env);
+    send_env(d, &r->req.peer, &env);
     if (r->n_have == r->n_ctx) {
-        kvp_events_mark(&d->stage, &r->ev, r->id, KVP_EV_CACHE_COMPLETE, -1, r->offset_ns,
+        kvp_events_mark(&d->stage, &r->ev, r->req.id, KVP_EV_CACHE_COMPLETE, -1, r->offset_ns,
                         r->offset_err_ns);
         r->st = D_FIRST_STEP;
     }
@@ -265,37 +241,19 @@ static void on_chunk(dec_t *d, const kvp_wire_msg_t *m) {
 /* ---- model work --------------------------------------------------------- */
 
 static void send_token(dec_t *d, dec_req_t *r, int32_t tok) {
-    char piece[256];
-    int n = kvp_tokenizer_piece(d->cfg->tok, tok, piece, sizeof piece);
-    Kvpred__Token t = KVPRED__TOKEN__INIT;
-    t.request_id = r->id;
-    t.index = (uint32_t)r->n_generated;
-    t.id = tok;
-    t.piece.data = (uint8_t *)piece;
-    t.piece.len = n > 0 ? (size_t)(n < (int)sizeof piece ? n : (int)sizeof piece) : 0;
-    t.wall_ns = kvp_wall_ns();
-    Kvpred__Envelope env = KVPRED__ENVELOPE__INIT;
-    env.body_case = KVPRED__ENVELOPE__BODY_TOKEN;
-    env.token = &t;
-    send_env(d, &r->up, &env);
+    kvp_svc_token_msg_t tm;
+    kvp_svc_token_msg(&tm, d->cfg->tok, r->req.id, r->n_generated, tok);
+    send_env(d, &r->req.peer, &tm.env);
 }
 
 static void finish(dec_t *d, dec_req_t *r) {
-    kvp_events_mark(&d->stage, &r->ev, r->id, KVP_EV_DONE, -1, r->offset_ns, r->offset_err_ns);
-    kvp_events_proto_t ep;
-    int n = kvp_events_to_proto(&r->ev, 0, &ep);
-    Kvpred__Done done = KVPRED__DONE__INIT;
-    done.request_id = r->id;
-    done.n_generated = (uint32_t)r->n_generated;
-    done.trace = ep.ptrs;
-    done.n_trace = n > 0 ? (size_t)n : 0;
-    Kvpred__Envelope env = KVPRED__ENVELOPE__INIT;
-    env.body_case = KVPRED__ENVELOPE__BODY_DONE;
-    env.done = &done;
-    send_env(d, &r->up, &env);
-    kvp_events_proto_free(&ep);
+    kvp_events_mark(&d->stage, &r->ev, r->req.id, KVP_EV_DONE, -1, r->offset_ns, r->offset_err_ns);
+    kvp_svc_done_msg_t dm;
+    kvp_svc_done_msg(&dm, r->req.id, (uint32_t)r->n_generated, &r->ev);
+    send_env(d, &r->req.peer, &dm.env);
+    kvp_svc_done_msg_free(&dm);
     if (d->cfg->c.verbose)
-        kvp_stage_log(&d->stage, "request %s done: %d tokens", r->id, r->n_generated);
+        kvp_stage_log(&d->stage, "request %s done: %d tokens", r->req.id, r->n_generated);
     drop(d, r);
 }
 
@@ -304,9 +262,9 @@ static void finish(dec_t *d, dec_req_t *r) {
 static int emit(dec_t *d, dec_req_t *r) {
     int32_t tok = kvp_sampler_sample(r->sampler, r->logits);
     if (r->n_generated == 0)
-        kvp_events_mark(&d->stage, &r->ev, r->id, KVP_EV_FIRST_TOKEN, -1, r->offset_ns,
+        kvp_events_mark(&d->stage, &r->ev, r->req.id, KVP_EV_FIRST_TOKEN, -1, r->offset_ns,
                         r->offset_err_ns);
-    kvp_events_mark(&d->stage, &r->ev, r->id, KVP_EV_TOKEN, r->n_generated, r->offset_ns,
+    kvp_events_mark(&d->stage, &r->ev, r->req.id, KVP_EV_TOKEN, r->n_generated, r->offset_ns,
                     r->offset_err_ns);
     send_token(d, r, tok);
     r->n_generated++;
@@ -324,7 +282,7 @@ static void work_prefill(dec_t *d, dec_req_t *r, kvp_err_t *err) {
     int chunk = d->cfg->prefill_chunk > 0 ? d->cfg->prefill_chunk : 512;
     int a = r->prefilled, n = r->n_prompt - a < chunk ? r->n_prompt - a : chunk;
     if (a == 0)
-        kvp_events_mark(&d->stage, &r->ev, r->id, KVP_EV_DEC_PREFILL_START, -1, r->offset_ns,
+        kvp_events_mark(&d->stage, &r->ev, r->req.id, KVP_EV_DEC_PREFILL_START, -1, r->offset_ns,
                         r->offset_err_ns);
     int last = a + n == r->n_prompt;
     if (kvp_model_forward(d->mctx, r->cache, r->tokens + a, n, r->logits,
@@ -332,7 +290,7 @@ static void work_prefill(dec_t *d, dec_req_t *r, kvp_err_t *err) {
         return fail(d, r, err->code, "base prefill: %s", err->msg);
     r->prefilled += n;
     if (last) {
-        kvp_events_mark(&d->stage, &r->ev, r->id, KVP_EV_DEC_PREFILL_END, -1, r->offset_ns,
+        kvp_events_mark(&d->stage, &r->ev, r->req.id, KVP_EV_DEC_PREFILL_END, -1, r->offset_ns,
                         r->offset_err_ns);
         emit(d, r);
     }
@@ -360,23 +318,19 @@ static void work(dec_t *d, dec_req_t *r) {
     }
 }
 
-static int has_work(const dec_req_t *r) {
-    return r->st != D_CHUNKS;
+static int has_work(const kvp_svc_req_t *q) {
+    return ((const dec_req_t *)q)->st != D_CHUNKS;
 }
 
 /* The next request with work after the last one served. */
 static dec_req_t *next_work(dec_t *d) {
-    dec_req_t *start = d->turn && d->turn->next ? d->turn->next : d->reqs;
-    for (dec_req_t *r = start; r; r = r->next)
-        if (has_work(r)) return d->turn = r;
-    for (dec_req_t *r = d->reqs; r && r != start; r = r->next)
-        if (has_work(r)) return d->turn = r;
-    return NULL;
+    return (dec_req_t *)kvp_svc_reqs_next_work(&d->reqs, has_work);
 }
 
 /* ---- the loop ----------------------------------------------------------- */
 
-static void on_message(dec_t *d, kvp_wire_msg_t *m) {
+static void on_message(void *stage, kvp_wire_msg_t *m) {
+    dec_t *d = stage;
     Kvpred__Envelope *env = m->env;
     switch (env->body_case) {
     case KVPRED__ENVELOPE__BODY_RESERVE:
@@ -386,65 +340,44 @@ static void on_message(dec_t *d, kvp_wire_msg_t *m) {
     case KVPRED__ENVELOPE__BODY_CANCEL: {
         dec_req_t *r = find(d, env->cancel->request_id ? env->cancel->request_id : "");
         if (r) {
-            kvp_stage_log(&d->stage, "request %s cancelled: %s", r->id, env->cancel->reason);
+            kvp_stage_log(&d->stage, "request %s cancelled: %s", r->req.id, env->cancel->reason);
             drop(d, r);
         }
         return;
     }
-    default: {
-        kvp_err_t err = {0};
-        char msg[128];
-        snprintf(msg, sizeof msg, "the decoder does not take %s messages",
-                 kvp_wire_body_name(env->body_case));
-        kvp_wire_send_error(kvp_link_router_socket(d->up), &m->from, kvp_wire_request_id(env),
-                            KVP_EINVAL, d->stage.name, msg, &err);
-    }
+    default:
+        kvp_svc_refuse_body(&d->stage, d->up, m, "the decoder", "");
     }
 }
 
-static void drain(dec_t *d, kvp_wire_msg_t *m) {
-    for (;;) {
-        kvp_err_t err = {0};
-        int rc = kvp_wire_recv_from(kvp_link_router_socket(d->up), &d->lim, 0, m, &err);
-        if (rc == KVP_ETIMEOUT) return;
-        if (rc) {
-            kvp_stage_log(&d->stage, "refused a message: %s", err.msg);
-            const char *id = m->env ? kvp_wire_request_id(m->env) : "";
-            dec_req_t *r = find(d, id);
-            if (r)
-                fail(d, r, rc, "refused a message: %s", err.msg);
-            else
-                kvp_wire_send_error(kvp_link_router_socket(d->up), &m->from, id, rc, d->stage.name,
-                                    err.msg, &err);
-            if (rc == KVP_EIO) return;
-            continue;
-        }
-        rc = kvp_link_router_handle(d->up, m, kvp_now(), &err);
-        if (rc < 0)
-            kvp_stage_log(&d->stage, "%s", err.msg);
-        else if (rc == KVP_LINK_APP)
-            on_message(d, m);
-    }
+static void refused(void *stage, kvp_wire_msg_t *m, int code, const char *why) {
+    dec_t *d = stage;
+    const char *id = m->env ? kvp_wire_request_id(m->env) : "";
+    dec_req_t *r = find(d, id);
+    if (r)
+        fail(d, r, code, "refused a message: %s", why);
+    else
+        kvp_svc_send_error(&d->stage, d->up, &m->from, id, code, why);
 }
+
+static const kvp_svc_inbox_t inbox = {
+    .refused = "refused a message", .on_refused = refused, .on_message = on_message};
 
 static void check_timers(dec_t *d) {
     double now = kvp_now();
     kvp_wire_id_t dead;
     kvp_err_t err = {0};
+    kvp_svc_req_t *q;
     while (kvp_link_router_tick(d->up, now, &dead, &err) == 1) {
         kvp_stage_log(&d->stage, "%s", err.msg);
-        for (dec_req_t *r = d->reqs, *nx; r; r = nx) {
-            nx = r->next;
-            if (r->up.len == dead.len && !memcmp(r->up.bytes, dead.bytes, dead.len))
-                drop(d, r); /* nobody is left to answer */
-        }
+        while ((q = kvp_svc_reqs_from_peer(&d->reqs, &dead)))
+            drop(d, (dec_req_t *)q); /* nobody is left to answer */
     }
-    for (dec_req_t *r = d->reqs, *nx; r; r = nx) {
-        nx = r->next;
-        if (now > r->deadline)
-            fail(d, r, KVP_ETIMEOUT,
-                 "deadline passed with %d of %d positions received and %d tokens generated",
-                 r->n_have, r->n_ctx, r->n_generated);
+    while ((q = kvp_svc_reqs_expired(&d->reqs, now, 0))) {
+        dec_req_t *r = (dec_req_t *)q;
+        fail(d, r, KVP_ETIMEOUT,
+             "deadline passed with %d of %d positions received and %d tokens generated", r->n_have,
+             r->n_ctx, r->n_generated);
     }
 }
 
@@ -452,24 +385,19 @@ static int dec_open(dec_t *d, const kvp_dec_cfg_t *cfg, kvp_err_t *err) {
     const kvp_model_t *m = cfg->model;
     int rc = kvp_stage_open(&d->stage, &cfg->c, KVP_STAGE_DECODER, err);
     if (rc) return rc;
-    Kvpred__Hello ours = KVPRED__HELLO__INIT;
-    Kvpred__CacheShape base = KVPRED__CACHE_SHAPE__INIT;
+    Kvpred__Hello ours;
+    Kvpred__CacheShape base;
     char fp[17];
     kvp_model_fingerprint(m, fp);
+    kvp_svc_hello_init(&ours, &d->stage);
     kvp_cache_shape_of(&base, m);
-    ours.role = (char *)KVP_STAGE_DECODER;
     ours.base_fingerprint = fp;
     ours.base_shape = &base;
-    ours.dtype = (Kvpred__DType)cfg->c.dtype;
-    ours.max_chunk_tokens = (uint32_t)cfg->c.max_chunk_tokens;
-    kvp_link_settings_t ls;
-    kvp_link_settings_from(&ls, &cfg->c, d->stage.name, NULL);
-    ls.curve = cfg->c.curve_server;
-    ls.hello_mask = KVP_WIRE_HELLO_PROTOCOL_VERSION | KVP_WIRE_HELLO_BASE_FINGERPRINT |
+    unsigned mask = KVP_WIRE_HELLO_PROTOCOL_VERSION | KVP_WIRE_HELLO_BASE_FINGERPRINT |
                     KVP_WIRE_HELLO_BASE_SHAPE | KVP_WIRE_HELLO_DTYPE |
                     KVP_WIRE_HELLO_MAX_CHUNK_TOKENS;
-    rc = kvp_link_router_new(&d->up, d->stage.ctx, cfg->listen ? cfg->listen : KVP_SVC_DEC_ENDPOINT,
-                             &ours, &ls, err);
+    rc = kvp_svc_listen(&d->stage, cfg->listen ? cfg->listen : KVP_SVC_DEC_ENDPOINT, &ours, mask,
+                        &d->up, err);
     kvp_wire_limits_init(&d->lim, (uint32_t)m->cfg.n_layer, (uint32_t)m->cfg.n_kv_head,
                          (uint32_t)m->cfg.head_dim, (uint32_t)cfg->c.max_chunk_tokens);
     d->lim.max_pos = (uint32_t)m->cfg.n_ctx_train;
@@ -483,8 +411,8 @@ static int dec_open(dec_t *d, const kvp_dec_cfg_t *cfg, kvp_err_t *err) {
 }
 
 static void dec_close(dec_t *d) {
-    while (d->reqs)
-        drop(d, d->reqs);
+    while (d->reqs.head)
+        drop(d, (dec_req_t *)d->reqs.head);
     free(d->kbuf);
     free(d->vbuf);
     kvp_model_ctx_free(&d->mctx);
@@ -507,13 +435,8 @@ int kvp_svc_dec_run(const kvp_dec_cfg_t *cfg, kvp_err_t *err) {
     kvp_wire_msg_init(&m);
     while (!kvp_stage_stopped(&d.stage)) {
         dec_req_t *r = next_work(&d);
-        double now = kvp_now();
-        int timeout = r ? 0 : kvp_link_poll_ms(kvp_link_router_deadline(d.up), now);
-        if (timeout < 0 || timeout > 100)
-            timeout = 100; /* wake to check deadlines and the stop flag */
-        zmq_pollitem_t it = {kvp_link_router_socket(d.up), 0, ZMQ_POLLIN, 0};
-        zmq_poll(&it, 1, timeout);
-        drain(&d, &m);
+        kvp_svc_poll(d.up, NULL, r != NULL);
+        kvp_svc_drain_router(&d.stage, d.up, &d.lim, &m, &inbox, &d);
         check_timers(&d);
         if ((r = next_work(&d))) work(&d, r);
     }

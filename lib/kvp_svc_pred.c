@@ -5,21 +5,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include <zmq.h>
-
 #include "kvp_svc.h"
 #include "kvp_svc_util.h"
 #include "kvp_time.h"
 
 typedef struct pred_req {
-    char id[KVP_TRACE_ID_MAX];
-    kvp_wire_id_t up;
-    uint8_t *pending; /* a packed Reserve waiting for the decoder link's handshake */
+    kvp_svc_req_t req; /* first (kvp_svc_req_t); req.peer is the aux-prefill stage */
+    uint8_t *pending;  /* a packed Reserve waiting for the decoder link's handshake */
     size_t pending_len;
     double pending_since;
     int64_t offset_ns, offset_err_ns; /* our clock minus the entry clock */
-    double deadline;
-    struct pred_req *next;
 } pred_req_t;
 
 typedef struct pred {
@@ -28,45 +23,25 @@ typedef struct pred {
     kvp_link_router_t *up;
     kvp_link_dealer_t *down;
     kvp_wire_limits_t lim_up, lim_down;
-    pred_req_t *reqs;
-    int n_reqs;
+    kvp_svc_reqs_t reqs;
     float **aux_k, **aux_v;         /* [aux layers] one chunk each */
     char link_err[KVP_ERR_MSG_MAX]; /* the last thing the decoder link reported */
 } pred_t;
 
 static pred_req_t *find(pred_t *p, const char *id) {
-    for (pred_req_t *r = p->reqs; r; r = r->next)
-        if (!strcmp(r->id, id)) return r;
-    return NULL;
+    return (pred_req_t *)kvp_svc_reqs_find(&p->reqs, id);
 }
 
 static void drop(pred_t *p, pred_req_t *r) {
-    for (pred_req_t **q = &p->reqs; *q; q = &(*q)->next)
-        if (*q == r) {
-            *q = r->next;
-            break;
-        }
+    kvp_svc_reqs_remove(&p->reqs, &r->req);
     free(r->pending);
     free(r);
-    p->n_reqs--;
     if (p->stage.trace) kvp_trace_flush(p->stage.trace, NULL);
 }
 
 static void error_up(pred_t *p, const kvp_wire_id_t *to, const char *id, int code,
                      const char *msg) {
-    kvp_err_t err = {0};
-    kvp_wire_send_error(kvp_link_router_socket(p->up), to, id, code, p->stage.name, msg, &err);
-}
-
-static void cancel_down(pred_t *p, const char *id, const char *reason) {
-    Kvpred__Cancel c = KVPRED__CANCEL__INIT;
-    c.request_id = (char *)id;
-    c.reason = (char *)reason;
-    Kvpred__Envelope env = KVPRED__ENVELOPE__INIT;
-    env.body_case = KVPRED__ENVELOPE__BODY_CANCEL;
-    env.cancel = &c;
-    kvp_err_t err = {0};
-    kvp_wire_send(kvp_link_dealer_socket(p->down), &env, NULL, 0, &err);
+    kvp_svc_send_error(&p->stage, p->up, to, id, code, msg);
 }
 
 /* ---- from aux-prefill --------------------------------------------------- */
@@ -74,16 +49,13 @@ static void cancel_down(pred_t *p, const char *id, const char *reason) {
 /* Forwards a request's Reserve to the decoder once the link is up; fails it
  * when the link was refused or stays down past the peer timeout. */
 static void send_pending(pred_t *p, pred_req_t *r) {
-    kvp_link_state_t st = kvp_link_dealer_state(p->down);
     kvp_err_t err = {0};
-    if (st != KVP_LINK_READY) {
-        double wait = p->cfg->c.peer_timeout > 0 ? p->cfg->c.peer_timeout : 2.0;
-        if (st == KVP_LINK_HANDSHAKE && kvp_now() - r->pending_since < wait) return;
-        char msg[KVP_ERR_MSG_MAX + 128];
-        snprintf(msg, sizeof msg, "the link to the decoder at %s is %s%s%.400s",
-                 kvp_link_dealer_endpoint(p->down), kvp_link_state_name(st),
-                 p->link_err[0] ? ": " : "", p->link_err);
-        error_up(p, &r->up, r->id, KVP_EPEER, msg);
+    char msg[KVP_ERR_MSG_MAX + 128];
+    int go = kvp_svc_link_wait(&p->stage, p->down, KVP_STAGE_DECODER, p->link_err, r->pending_since,
+                               msg, sizeof msg);
+    if (go == 0) return;
+    if (go < 0) {
+        error_up(p, &r->req.peer, r->req.id, KVP_EPEER, msg);
         return drop(p, r);
     }
     Kvpred__Envelope *env = kvpred__envelope__unpack(NULL, r->pending_len, r->pending);
@@ -91,7 +63,7 @@ static void send_pending(pred_t *p, pred_req_t *r) {
     r->pending = NULL;
     if (!env || env->body_case != KVPRED__ENVELOPE__BODY_RESERVE) {
         if (env) kvpred__envelope__free_unpacked(env, NULL);
-        error_up(p, &r->up, r->id, KVP_ENOMEM, "predictor: lost a reserve");
+        error_up(p, &r->req.peer, r->req.id, KVP_ENOMEM, "predictor: lost a reserve");
         return drop(p, r);
     }
     /* The decoder's offset to the entry clock = ours + (decoder - us). */
@@ -102,7 +74,7 @@ static void send_pending(pred_t *p, pred_req_t *r) {
     int rc = kvp_wire_send(kvp_link_dealer_socket(p->down), env, NULL, 0, &err);
     kvpred__envelope__free_unpacked(env, NULL);
     if (rc) {
-        error_up(p, &r->up, r->id, KVP_EPEER, err.msg);
+        error_up(p, &r->req.peer, r->req.id, KVP_EPEER, err.msg);
         drop(p, r);
     }
 }
@@ -113,21 +85,19 @@ static void on_reserve(pred_t *p, const kvp_wire_msg_t *m) {
     if (!kvp_copy_id(id, sizeof id, rs->request_id))
         return error_up(p, &m->from, "", KVP_EINVAL, "reserve: request_id empty or too long");
     if (find(p, id)) return error_up(p, &m->from, id, KVP_EINVAL, "request id already in flight");
-    if (p->n_reqs >= p->cfg->c.max_requests) {
-        snprintf(msg, sizeof msg, "predictor busy: %d of %d requests in flight", p->n_reqs,
+    if (p->reqs.n >= p->cfg->c.max_requests) {
+        snprintf(msg, sizeof msg, "predictor busy: %d of %d requests in flight", p->reqs.n,
                  p->cfg->c.max_requests);
         return error_up(p, &m->from, id, KVP_EBUSY, msg);
     }
     pred_req_t *r = calloc(1, sizeof *r);
     if (!r) return error_up(p, &m->from, id, KVP_ENOMEM, "predictor: out of memory");
-    memcpy(r->id, id, sizeof id);
-    r->up = m->from;
+    memcpy(r->req.id, id, sizeof id);
+    r->req.peer = m->from;
     r->offset_ns = rs->clock_offset_ns;
     r->offset_err_ns = rs->clock_offset_err_ns;
-    r->deadline = kvp_now() + (p->cfg->c.deadline_ms > 0 ? p->cfg->c.deadline_ms : 60000) / 1e3;
-    r->next = p->reqs;
-    p->reqs = r;
-    p->n_reqs++;
+    r->req.deadline = kvp_now() + (p->cfg->c.deadline_ms > 0 ? p->cfg->c.deadline_ms : 60000) / 1e3;
+    kvp_svc_reqs_add(&p->reqs, &r->req);
     /* Keep the Reserve until the decoder link is up (it usually is). */
     r->pending_len = kvpred__envelope__get_packed_size(m->env);
     r->pending = malloc(r->pending_len);
@@ -140,11 +110,6 @@ static void on_reserve(pred_t *p, const kvp_wire_msg_t *m) {
     send_pending(p, r);
 }
 
-static void free_buf(void *data, void *hint) {
-    (void)hint;
-    free(data);
-}
-
 /* Maps one auxiliary chunk to base K/V and sends it on: the predictor's job. */
 static void on_chunk(pred_t *p, const kvp_wire_msg_t *m) {
     const Kvpred__Chunk *c = m->env->chunk;
@@ -153,8 +118,8 @@ static void on_chunk(pred_t *p, const kvp_wire_msg_t *m) {
     const kvp_predictor_t *pr = p->cfg->pred;
     kvp_err_t err = {0};
     kvp_events_t ev = {0};
-    kvp_events_add_proto(&ev, c->trace, c->n_trace, r->id);
-    kvp_events_mark(&p->stage, &ev, r->id, KVP_EV_PRED_RECV, (int32_t)c->seq, r->offset_ns,
+    kvp_events_add_proto(&ev, c->trace, c->n_trace, r->req.id);
+    kvp_events_mark(&p->stage, &ev, r->req.id, KVP_EV_PRED_RECV, (int32_t)c->seq, r->offset_ns,
                     r->offset_err_ns);
     int n = (int)(c->pos_end - c->pos_begin);
     char msg[600];
@@ -186,47 +151,40 @@ static void on_chunk(pred_t *p, const kvp_wire_msg_t *m) {
         snprintf(msg, sizeof msg, "chunk %u: %s", c->seq, oom ? "out of memory" : err.msg);
         goto fail;
     }
-    kvp_events_mark(&p->stage, &ev, r->id, KVP_EV_PRED_MAPPED, (int32_t)c->seq, r->offset_ns,
+    kvp_events_mark(&p->stage, &ev, r->req.id, KVP_EV_PRED_MAPPED, (int32_t)c->seq, r->offset_ns,
                     r->offset_err_ns);
     for (int l = 0; l < nb; l++) { /* ownership passes to the wire */
-        t[l] = (kvp_wire_tensor_t){bk[l], (size_t)n * pr->d_out, free_buf, NULL};
-        t[nb + l] = (kvp_wire_tensor_t){bv[l], (size_t)n * pr->d_out, free_buf, NULL};
+        t[l] = (kvp_wire_tensor_t){bk[l], (size_t)n * pr->d_out, kvp_svc_free_frame, NULL};
+        t[nb + l] = (kvp_wire_tensor_t){bv[l], (size_t)n * pr->d_out, kvp_svc_free_frame, NULL};
     }
     free(bk), free(bv);
-    kvp_events_mark(&p->stage, &ev, r->id, KVP_EV_PRED_SENT, (int32_t)c->seq, r->offset_ns,
+    kvp_events_mark(&p->stage, &ev, r->req.id, KVP_EV_PRED_SENT, (int32_t)c->seq, r->offset_ns,
                     r->offset_err_ns);
-    kvp_events_proto_t ep;
-    int n_ev = kvp_events_to_proto(&ev, 0, &ep);
     Kvpred__Chunk out = *c;
     out.layer_begin = 0;
     out.layer_end = (uint32_t)nb;
     out.n_kv_head = (uint32_t)pr->base.n_kv_head;
     out.head_dim = (uint32_t)pr->base.head_dim;
-    out.trace = ep.ptrs;
-    out.n_trace = n_ev > 0 ? (size_t)n_ev : 0;
-    Kvpred__Envelope env = KVPRED__ENVELOPE__INIT;
-    env.body_case = KVPRED__ENVELOPE__BODY_CHUNK;
-    env.chunk = &out;
-    int rc = kvp_wire_send(kvp_link_dealer_socket(p->down), &env, t, 2 * (size_t)nb, &err);
-    kvp_events_proto_free(&ep);
+    int rc = kvp_svc_send_chunk(p->down, &out, &ev, t, 2 * (size_t)nb, &err);
     free(t);
     kvp_events_free(&ev);
     if (rc) {
         snprintf(msg, sizeof msg, "sending chunk %u to the decoder: %s", c->seq, err.msg);
-        error_up(p, &r->up, r->id, KVP_EPEER, msg);
-        cancel_down(p, r->id, msg);
+        error_up(p, &r->req.peer, r->req.id, KVP_EPEER, msg);
+        kvp_svc_send_cancel(p->down, r->req.id, msg);
         drop(p, r);
     }
     return;
 fail:
     kvp_events_free(&ev);
-    kvp_stage_log(&p->stage, "request %s failed: %s", r->id, msg);
-    error_up(p, &r->up, r->id, KVP_EFORMAT, msg);
-    cancel_down(p, r->id, msg);
+    kvp_stage_log(&p->stage, "request %s failed: %s", r->req.id, msg);
+    error_up(p, &r->req.peer, r->req.id, KVP_EFORMAT, msg);
+    kvp_svc_send_cancel(p->down, r->req.id, msg);
     drop(p, r);
 }
 
-static void on_up(pred_t *p, kvp_wire_msg_t *m) {
+static void on_up(void *stage, kvp_wire_msg_t *m) {
+    pred_t *p = stage;
     Kvpred__Envelope *env = m->env;
     switch (env->body_case) {
     case KVPRED__ENVELOPE__BODY_RESERVE:
@@ -242,25 +200,22 @@ static void on_up(pred_t *p, kvp_wire_msg_t *m) {
         }
         return;
     }
-    default: {
-        char msg[128];
-        snprintf(msg, sizeof msg, "the predictor does not take %s messages from upstream",
-                 kvp_wire_body_name(env->body_case));
-        error_up(p, &m->from, kvp_wire_request_id(env), KVP_EINVAL, msg);
-    }
+    default:
+        kvp_svc_refuse_body(&p->stage, p->up, m, "the predictor", " from upstream");
     }
 }
 
 /* ---- from the decoder ---------------------------------------------------- */
 
-static void on_down(pred_t *p, kvp_wire_msg_t *m) {
+static void on_down(void *stage, kvp_wire_msg_t *m) {
+    pred_t *p = stage;
     Kvpred__Envelope *env = m->env;
     pred_req_t *r = find(p, kvp_wire_request_id(env));
     if (!r) return; /* about a request we no longer track */
     kvp_err_t err = {0};
-    if (kvp_wire_send_to(kvp_link_router_socket(p->up), &r->up, env, NULL, 0, &err))
-        kvp_stage_log(&p->stage, "relaying %s of %s: %s", kvp_wire_body_name(env->body_case), r->id,
-                      err.msg);
+    if (kvp_wire_send_to(kvp_link_router_socket(p->up), &r->req.peer, env, NULL, 0, &err))
+        kvp_stage_log(&p->stage, "relaying %s of %s: %s", kvp_wire_body_name(env->body_case),
+                      r->req.id, err.msg);
     if (env->body_case == KVPRED__ENVELOPE__BODY_DONE ||
         env->body_case == KVPRED__ENVELOPE__BODY_ERROR)
         drop(p, r);
@@ -268,94 +223,67 @@ static void on_down(pred_t *p, kvp_wire_msg_t *m) {
 
 /* ---- the loop ----------------------------------------------------------- */
 
-static void fail_all(pred_t *p, const char *why) {
-    while (p->reqs) {
-        error_up(p, &p->reqs->up, p->reqs->id, KVP_EPEER, why);
-        drop(p, p->reqs);
+/* The decoder link failed or went silent: every request fails, and those
+ * that arrive while it is down are told why. */
+static void lost_down(void *stage, const char *why) {
+    pred_t *p = stage;
+    kvp_stage_log(&p->stage, "%s", why);
+    snprintf(p->link_err, sizeof p->link_err, "%s", why);
+    while (p->reqs.head) {
+        pred_req_t *r = (pred_req_t *)p->reqs.head;
+        error_up(p, &r->req.peer, r->req.id, KVP_EPEER, why);
+        drop(p, r);
     }
 }
 
-static void drain_up(pred_t *p, kvp_wire_msg_t *m) {
-    for (;;) {
-        kvp_err_t err = {0};
-        int rc = kvp_wire_recv_from(kvp_link_router_socket(p->up), &p->lim_up, 0, m, &err);
-        if (rc == KVP_ETIMEOUT) return;
-        if (rc) {
-            const char *id = m->env ? kvp_wire_request_id(m->env) : "";
-            kvp_stage_log(&p->stage, "refused a message: %s", err.msg);
-            error_up(p, &m->from, id, rc, err.msg);
-            pred_req_t *r = find(p, id);
-            if (r) {
-                cancel_down(p, r->id, err.msg);
-                drop(p, r);
-            }
-            if (rc == KVP_EIO) return;
-            continue;
-        }
-        rc = kvp_link_router_handle(p->up, m, kvp_now(), &err);
-        if (rc < 0)
-            kvp_stage_log(&p->stage, "%s", err.msg);
-        else if (rc == KVP_LINK_APP)
-            on_up(p, m);
+static void refused_up(void *stage, kvp_wire_msg_t *m, int code, const char *why) {
+    pred_t *p = stage;
+    const char *id = m->env ? kvp_wire_request_id(m->env) : "";
+    error_up(p, &m->from, id, code, why);
+    pred_req_t *r = find(p, id);
+    if (r) {
+        kvp_svc_send_cancel(p->down, r->req.id, why);
+        drop(p, r);
     }
 }
 
-static void drain_down(pred_t *p, kvp_wire_msg_t *m) {
-    for (;;) {
-        kvp_err_t err = {0};
-        int rc = kvp_wire_recv(kvp_link_dealer_socket(p->down), &p->lim_down, 0, m, &err);
-        if (rc == KVP_ETIMEOUT) return;
-        if (rc) {
-            kvp_stage_log(&p->stage, "refused a message from the decoder: %s", err.msg);
-            if (rc == KVP_EIO) return;
-            continue;
-        }
-        rc = kvp_link_dealer_handle(p->down, m, kvp_now(), &err);
-        if (rc < 0) {
-            kvp_stage_log(&p->stage, "%s", err.msg);
-            snprintf(p->link_err, sizeof p->link_err, "%s", err.msg);
-            fail_all(p, err.msg);
-        } else if (rc == KVP_LINK_APP) {
-            on_down(p, m);
-        }
-    }
-}
+static const kvp_svc_inbox_t up_inbox = {
+    .refused = "refused a message", .on_refused = refused_up, .on_message = on_up};
+/* A message from the decoder that the wire refuses is only logged: the
+ * request it names, if any, is left to its deadline. */
+static const kvp_svc_inbox_t down_inbox = {.refused = "refused a message from the decoder",
+                                           .on_link_error = lost_down,
+                                           .on_message = on_down};
 
 static void check_timers(pred_t *p) {
     double now = kvp_now();
     kvp_err_t err = {0};
-    if (kvp_link_dealer_tick(p->down, now, &err) == KVP_ETIMEOUT) {
-        kvp_stage_log(&p->stage, "%s", err.msg);
-        snprintf(p->link_err, sizeof p->link_err, "%s", err.msg);
-        fail_all(p, err.msg);
-    }
-    for (pred_req_t *r = p->reqs, *nx; r; r = nx) {
-        nx = r->next;
+    if (kvp_link_dealer_tick(p->down, now, &err) == KVP_ETIMEOUT) lost_down(p, err.msg);
+    for (kvp_svc_req_t *q = p->reqs.head, *nx; q; q = nx) {
+        pred_req_t *r = (pred_req_t *)q;
+        nx = q->next;
         if (r->pending) send_pending(p, r);
     }
     kvp_wire_id_t dead;
     while (kvp_link_router_tick(p->up, now, &dead, &err) == 1) {
         kvp_stage_log(&p->stage, "%s", err.msg);
-        for (pred_req_t *r = p->reqs, *nx; r; r = nx) {
-            nx = r->next;
-            if (r->up.len == dead.len && !memcmp(r->up.bytes, dead.bytes, dead.len)) {
-                cancel_down(p, r->id, "aux-prefill went silent");
-                drop(p, r);
-            }
+        kvp_svc_req_t *q;
+        while ((q = kvp_svc_reqs_from_peer(&p->reqs, &dead))) {
+            kvp_svc_send_cancel(p->down, q->id, "aux-prefill went silent");
+            drop(p, (pred_req_t *)q);
         }
     }
     /* A request the decoder never finished is failed upstream by the decoder
      * or by aux-prefill's deadline; this only bounds our own table. */
-    for (pred_req_t *r = p->reqs, *nx; r; r = nx) {
-        nx = r->next;
-        if (now > r->deadline + 5.0) drop(p, r);
-    }
+    kvp_svc_req_t *q;
+    while ((q = kvp_svc_reqs_expired(&p->reqs, now, 5.0)))
+        drop(p, (pred_req_t *)q);
 }
 
-static void hello_base(Kvpred__Hello *h, const kvp_pred_cfg_t *cfg, Kvpred__CacheShape *aux,
+static void hello_base(Kvpred__Hello *h, const pred_t *p, Kvpred__CacheShape *aux,
                        Kvpred__CacheShape *base) {
-    const kvp_predictor_t *pr = cfg->pred;
-    kvpred__hello__init(h);
+    const kvp_predictor_t *pr = p->cfg->pred;
+    kvp_svc_hello_init(h, &p->stage);
     kvpred__cache_shape__init(aux);
     kvpred__cache_shape__init(base);
     aux->n_layer = (uint32_t)pr->aux.n_layer;
@@ -364,15 +292,12 @@ static void hello_base(Kvpred__Hello *h, const kvp_pred_cfg_t *cfg, Kvpred__Cach
     base->n_layer = (uint32_t)pr->base.n_layer;
     base->n_kv_head = (uint32_t)pr->base.n_kv_head;
     base->head_dim = (uint32_t)pr->base.head_dim;
-    h->role = (char *)KVP_STAGE_PREDICTOR;
     h->aux_fingerprint = (char *)pr->aux_fingerprint;
     h->base_fingerprint = (char *)pr->base_fingerprint;
     h->aux_shape = aux;
     h->base_shape = base;
     h->layer_map = (int32_t *)pr->layer_map;
     h->n_layer_map = (size_t)pr->base.n_layer;
-    h->dtype = (Kvpred__DType)cfg->c.dtype;
-    h->max_chunk_tokens = (uint32_t)cfg->c.max_chunk_tokens;
 }
 
 static int pred_open(pred_t *p, const kvp_pred_cfg_t *cfg, kvp_err_t *err) {
@@ -381,22 +306,16 @@ static int pred_open(pred_t *p, const kvp_pred_cfg_t *cfg, kvp_err_t *err) {
     if (rc) return rc;
     Kvpred__Hello h;
     Kvpred__CacheShape as, bs;
-    hello_base(&h, cfg, &as, &bs);
-    kvp_link_settings_t ls;
-    kvp_link_settings_from(&ls, &cfg->c, p->stage.name, NULL);
-    ls.curve = cfg->c.curve_server;
+    hello_base(&h, p, &as, &bs);
     /* aux-prefill must run the auxiliary model this predictor was fitted for */
-    ls.hello_mask = KVP_WIRE_HELLO_PROTOCOL_VERSION | KVP_WIRE_HELLO_AUX_SHAPE |
+    unsigned mask = KVP_WIRE_HELLO_PROTOCOL_VERSION | KVP_WIRE_HELLO_AUX_SHAPE |
                     KVP_WIRE_HELLO_DTYPE | KVP_WIRE_HELLO_MAX_CHUNK_TOKENS |
                     (pr->aux_fingerprint[0] ? KVP_WIRE_HELLO_AUX_FINGERPRINT : 0);
-    rc = kvp_link_router_new(&p->up, p->stage.ctx,
-                             cfg->listen ? cfg->listen : KVP_SVC_PRED_ENDPOINT, &h, &ls, err);
+    rc = kvp_svc_listen(&p->stage, cfg->listen ? cfg->listen : KVP_SVC_PRED_ENDPOINT, &h, mask,
+                        &p->up, err);
     if (rc) return rc;
-    kvp_link_settings_from(&ls, &cfg->c, p->stage.name, KVP_STAGE_DECODER);
-    ls.curve = cfg->c.curve_client;
-    rc = kvp_link_dealer_new(&p->down, p->stage.ctx,
-                             cfg->downstream ? cfg->downstream : KVP_SVC_DEC_ENDPOINT, &h, &ls,
-                             kvp_now(), err);
+    rc = kvp_svc_connect(&p->stage, cfg->downstream ? cfg->downstream : KVP_SVC_DEC_ENDPOINT,
+                         KVP_STAGE_DECODER, &h, &p->down, err);
     if (rc) return rc;
     kvp_wire_limits_init(&p->lim_up, (uint32_t)pr->aux.n_layer, (uint32_t)pr->aux.n_kv_head,
                          (uint32_t)pr->aux.head_dim, (uint32_t)cfg->c.max_chunk_tokens);
@@ -414,8 +333,8 @@ static int pred_open(pred_t *p, const kvp_pred_cfg_t *cfg, kvp_err_t *err) {
 }
 
 static void pred_close(pred_t *p) {
-    while (p->reqs)
-        drop(p, p->reqs);
+    while (p->reqs.head)
+        drop(p, (pred_req_t *)p->reqs.head);
     for (int l = 0; p->aux_k && l < p->cfg->pred->aux.n_layer; l++)
         free(p->aux_k[l]);
     for (int l = 0; p->aux_v && l < p->cfg->pred->aux.n_layer; l++)
@@ -441,15 +360,10 @@ int kvp_svc_pred_run(const kvp_pred_cfg_t *cfg, kvp_err_t *err) {
     kvp_wire_msg_t m;
     kvp_wire_msg_init(&m);
     while (!kvp_stage_stopped(&p.stage)) {
-        double now = kvp_now();
-        double dl = kvp_link_dealer_deadline(p.down), dr = kvp_link_router_deadline(p.up);
-        int timeout = kvp_link_poll_ms(dl < dr ? dl : dr, now);
-        if (timeout < 0 || timeout > 100) timeout = 100;
-        zmq_pollitem_t it[2] = {{kvp_link_router_socket(p.up), 0, ZMQ_POLLIN, 0},
-                                {kvp_link_dealer_socket(p.down), 0, ZMQ_POLLIN, 0}};
-        zmq_poll(it, 2, timeout);
-        drain_down(&p, &m); /* credits and tokens first: they unblock the others */
-        drain_up(&p, &m);
+        kvp_svc_poll(p.up, p.down, 0);
+        /* credits and tokens first: they unblock the others */
+        kvp_svc_drain_dealer(&p.stage, p.down, &p.lim_down, &m, &down_inbox, &p);
+        kvp_svc_drain_router(&p.stage, p.up, &p.lim_up, &m, &up_inbox, &p);
         check_timers(&p);
     }
     kvp_wire_msg_free(&m);

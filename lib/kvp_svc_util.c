@@ -238,3 +238,220 @@ int kvp_svc_plan_chunks(int n, int chunk, int tail, int *starts) {
     starts[k] = n;
     return k;
 }
+
+/* ---- requests in flight ------------------------------------------------- */
+
+kvp_svc_req_t *kvp_svc_reqs_find(const kvp_svc_reqs_t *l, const char *id) {
+    for (kvp_svc_req_t *r = l->head; r; r = r->next)
+        if (!strcmp(r->id, id)) return r;
+    return NULL;
+}
+
+void kvp_svc_reqs_add(kvp_svc_reqs_t *l, kvp_svc_req_t *r) {
+    r->next = l->head;
+    l->head = r;
+    l->n++;
+}
+
+void kvp_svc_reqs_remove(kvp_svc_reqs_t *l, kvp_svc_req_t *r) {
+    for (kvp_svc_req_t **p = &l->head; *p; p = &(*p)->next)
+        if (*p == r) {
+            *p = r->next;
+            break;
+        }
+    if (l->turn == r) l->turn = r->next;
+    l->n--;
+}
+
+int kvp_svc_same_peer(const kvp_wire_id_t *a, const kvp_wire_id_t *b) {
+    return a->len == b->len && !memcmp(a->bytes, b->bytes, a->len);
+}
+
+kvp_svc_req_t *kvp_svc_reqs_from_peer(const kvp_svc_reqs_t *l, const kvp_wire_id_t *peer) {
+    for (kvp_svc_req_t *r = l->head; r; r = r->next)
+        if (kvp_svc_same_peer(&r->peer, peer)) return r;
+    return NULL;
+}
+
+kvp_svc_req_t *kvp_svc_reqs_expired(const kvp_svc_reqs_t *l, double now, double grace) {
+    for (kvp_svc_req_t *r = l->head; r; r = r->next)
+        if (now > r->deadline + grace) return r;
+    return NULL;
+}
+
+kvp_svc_req_t *kvp_svc_reqs_next_work(kvp_svc_reqs_t *l, int (*has_work)(const kvp_svc_req_t *r)) {
+    kvp_svc_req_t *start = l->turn && l->turn->next ? l->turn->next : l->head;
+    for (kvp_svc_req_t *r = start; r; r = r->next)
+        if (has_work(r)) return l->turn = r;
+    for (kvp_svc_req_t *r = l->head; r && r != start; r = r->next)
+        if (has_work(r)) return l->turn = r;
+    return NULL;
+}
+
+/* ---- links -------------------------------------------------------------- */
+
+int kvp_svc_listen(const kvp_stage_t *s, const char *endpoint, const Kvpred__Hello *ours,
+                   unsigned hello_mask, kvp_link_router_t **out, kvp_err_t *err) {
+    kvp_link_settings_t ls;
+    kvp_link_settings_from(&ls, s->c, s->name, NULL);
+    ls.curve = s->c->curve_server;
+    ls.hello_mask = hello_mask;
+    return kvp_link_router_new(out, s->ctx, endpoint, ours, &ls, err);
+}
+
+int kvp_svc_connect(const kvp_stage_t *s, const char *endpoint, const char *peer_name,
+                    const Kvpred__Hello *ours, kvp_link_dealer_t **out, kvp_err_t *err) {
+    kvp_link_settings_t ls;
+    kvp_link_settings_from(&ls, s->c, s->name, peer_name);
+    ls.curve = s->c->curve_client;
+    return kvp_link_dealer_new(out, s->ctx, endpoint, ours, &ls, kvp_now(), err);
+}
+
+void kvp_svc_poll(const kvp_link_router_t *up, const kvp_link_dealer_t *down, int busy) {
+    double now = kvp_now();
+    double due = kvp_link_router_deadline(up), down_due = down ? kvp_link_dealer_deadline(down) : 0;
+    if (down && down_due < due) due = down_due;
+    int timeout = busy ? 0 : kvp_link_poll_ms(due, now);
+    if (timeout < 0 || timeout > 100) timeout = 100;
+    zmq_pollitem_t it[2] = {{kvp_link_router_socket(up), 0, ZMQ_POLLIN, 0},
+                            {down ? kvp_link_dealer_socket(down) : NULL, 0, ZMQ_POLLIN, 0}};
+    zmq_poll(it, down ? 2 : 1, timeout);
+}
+
+/* The two drains differ only in the calls that receive and handle a message
+ * (a ROUTER's carry the sender's identity), so one loop serves both: exactly
+ * one of router and dealer is set. */
+static void drain(kvp_stage_t *s, kvp_link_router_t *router, kvp_link_dealer_t *dealer,
+                  const kvp_wire_limits_t *lim, kvp_wire_msg_t *m, const kvp_svc_inbox_t *in,
+                  void *stage) {
+    for (;;) {
+        kvp_err_t err = {0};
+        int rc = router ? kvp_wire_recv_from(kvp_link_router_socket(router), lim, 0, m, &err)
+                        : kvp_wire_recv(kvp_link_dealer_socket(dealer), lim, 0, m, &err);
+        if (rc == KVP_ETIMEOUT) return;
+        if (rc) {
+            kvp_stage_log(s, "%s: %s", in->refused, err.msg);
+            if (in->on_refused) in->on_refused(stage, m, rc, err.msg);
+            if (rc == KVP_EIO) return;
+            continue;
+        }
+        rc = router ? kvp_link_router_handle(router, m, kvp_now(), &err)
+                    : kvp_link_dealer_handle(dealer, m, kvp_now(), &err);
+        if (rc < 0 && in->on_link_error)
+            in->on_link_error(stage, err.msg);
+        else if (rc < 0)
+            kvp_stage_log(s, "%s", err.msg);
+        else if (rc == KVP_LINK_APP)
+            in->on_message(stage, m);
+    }
+}
+
+void kvp_svc_drain_router(kvp_stage_t *s, kvp_link_router_t *l, const kvp_wire_limits_t *lim,
+                          kvp_wire_msg_t *m, const kvp_svc_inbox_t *in, void *stage) {
+    drain(s, l, NULL, lim, m, in, stage);
+}
+
+void kvp_svc_drain_dealer(kvp_stage_t *s, kvp_link_dealer_t *l, const kvp_wire_limits_t *lim,
+                          kvp_wire_msg_t *m, const kvp_svc_inbox_t *in, void *stage) {
+    drain(s, NULL, l, lim, m, in, stage);
+}
+
+int kvp_svc_link_wait(const kvp_stage_t *s, const kvp_link_dealer_t *down, const char *peer_name,
+                      const char *link_err, double since, char *why, size_t cap) {
+    kvp_link_state_t st = kvp_link_dealer_state(down);
+    if (st == KVP_LINK_READY) return 1;
+    double wait = s->c->peer_timeout > 0 ? s->c->peer_timeout : 2.0;
+    if (st == KVP_LINK_HANDSHAKE && kvp_now() - since < wait) return 0;
+    snprintf(why, cap, "the link to the %s at %s is %s%s%.400s", peer_name,
+             kvp_link_dealer_endpoint(down), kvp_link_state_name(st), link_err[0] ? ": " : "",
+             link_err);
+    return -1;
+}
+
+/* ---- messages more than one stage sends ---------------------------------- */
+
+void kvp_svc_hello_init(Kvpred__Hello *h, const kvp_stage_t *s) {
+    kvpred__hello__init(h);
+    h->role = (char *)s->name;
+    h->dtype = (Kvpred__DType)s->c->dtype;
+    h->max_chunk_tokens = (uint32_t)s->c->max_chunk_tokens;
+}
+
+void kvp_svc_send_cancel(kvp_link_dealer_t *down, const char *request_id, const char *reason) {
+    Kvpred__Cancel c = KVPRED__CANCEL__INIT;
+    c.request_id = (char *)request_id;
+    c.reason = (char *)reason;
+    Kvpred__Envelope env = KVPRED__ENVELOPE__INIT;
+    env.body_case = KVPRED__ENVELOPE__BODY_CANCEL;
+    env.cancel = &c;
+    kvp_err_t err = {0};
+    kvp_wire_send(kvp_link_dealer_socket(down), &env, NULL, 0, &err);
+}
+
+void kvp_svc_send_error(const kvp_stage_t *s, kvp_link_router_t *up, const kvp_wire_id_t *to,
+                        const char *request_id, int code, const char *msg) {
+    kvp_err_t err = {0};
+    kvp_wire_send_error(kvp_link_router_socket(up), to, request_id, code, s->name, msg, &err);
+}
+
+void kvp_svc_refuse_body(const kvp_stage_t *s, kvp_link_router_t *up, const kvp_wire_msg_t *m,
+                         const char *who, const char *from_whom) {
+    char msg[128];
+    snprintf(msg, sizeof msg, "%s does not take %s messages%s", who,
+             kvp_wire_body_name(m->env->body_case), from_whom);
+    kvp_svc_send_error(s, up, &m->from, kvp_wire_request_id(m->env), KVP_EINVAL, msg);
+}
+
+int kvp_svc_send_chunk(kvp_link_dealer_t *down, Kvpred__Chunk *c, const kvp_events_t *ev,
+                       const kvp_wire_tensor_t *t, size_t n_t, kvp_err_t *err) {
+    kvp_events_proto_t ep;
+    int n_ev = kvp_events_to_proto(ev, 0, &ep);
+    c->trace = ep.ptrs;
+    c->n_trace = n_ev > 0 ? (size_t)n_ev : 0;
+    Kvpred__Envelope env = KVPRED__ENVELOPE__INIT;
+    env.body_case = KVPRED__ENVELOPE__BODY_CHUNK;
+    env.chunk = c;
+    int rc = kvp_wire_send(kvp_link_dealer_socket(down), &env, t, n_t, err);
+    kvp_events_proto_free(&ep);
+    c->trace = NULL;
+    c->n_trace = 0;
+    return rc;
+}
+
+void kvp_svc_free_frame(void *data, void *hint) {
+    (void)hint;
+    free(data);
+}
+
+void kvp_svc_token_msg(kvp_svc_token_msg_t *tm, const kvp_tokenizer_t *tok, const char *request_id,
+                       int index, int32_t id) {
+    int n = kvp_tokenizer_piece(tok, id, tm->piece, sizeof tm->piece);
+    kvpred__token__init(&tm->token);
+    tm->token.request_id = (char *)request_id;
+    tm->token.index = (uint32_t)index;
+    tm->token.id = id;
+    tm->token.piece.data = (uint8_t *)tm->piece;
+    tm->token.piece.len =
+        n > 0 ? (size_t)(n < (int)sizeof tm->piece ? n : (int)sizeof tm->piece) : 0;
+    tm->token.wall_ns = kvp_wall_ns();
+    kvpred__envelope__init(&tm->env);
+    tm->env.body_case = KVPRED__ENVELOPE__BODY_TOKEN;
+    tm->env.token = &tm->token;
+}
+
+void kvp_svc_done_msg(kvp_svc_done_msg_t *dm, const char *request_id, uint32_t n_generated,
+                      const kvp_events_t *ev) {
+    int n = kvp_events_to_proto(ev, 0, &dm->ep);
+    kvpred__done__init(&dm->done);
+    dm->done.request_id = (char *)request_id;
+    dm->done.n_generated = n_generated;
+    dm->done.trace = dm->ep.ptrs;
+    dm->done.n_trace = n > 0 ? (size_t)n : 0;
+    kvpred__envelope__init(&dm->env);
+    dm->env.body_case = KVPRED__ENVELOPE__BODY_DONE;
+    dm->env.done = &dm->done;
+}
+
+void kvp_svc_done_msg_free(kvp_svc_done_msg_t *dm) {
+    kvp_events_proto_free(&dm->ep);
+}
