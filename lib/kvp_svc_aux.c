@@ -547,7 +547,7 @@ int kvp_svc_aux_run(const kvp_aux_cfg_t *cfg, kvp_err_t *err) {
     kvp_wire_msg_t m;
     kvp_wire_msg_init(&m);
     while (!kvp_stage_stopped(&a.stage)) {
-        kvp_svc_poll(a.front, a.down, next_work(&a) != NULL);
+        kvp_svc_poll(a.front, a.down, kvp_svc_reqs_any_work(&a.reqs, has_work));
         kvp_svc_drain_dealer(&a.stage, a.down, &a.lim_down, &m, &down_inbox, &a);
         kvp_svc_drain_router(&a.stage, a.front, &a.lim_front, &m, &front_inbox, &a);
         check_timers(&a);

@@ -434,11 +434,11 @@ int kvp_svc_dec_run(const kvp_dec_cfg_t *cfg, kvp_err_t *err) {
     kvp_wire_msg_t m;
     kvp_wire_msg_init(&m);
     while (!kvp_stage_stopped(&d.stage)) {
-        dec_req_t *r = next_work(&d);
-        kvp_svc_poll(d.up, NULL, r != NULL);
+        kvp_svc_poll(d.up, NULL, kvp_svc_reqs_any_work(&d.reqs, has_work));
         kvp_svc_drain_router(&d.stage, d.up, &d.lim, &m, &inbox, &d);
         check_timers(&d);
-        if ((r = next_work(&d))) work(&d, r);
+        dec_req_t *r = next_work(&d);
+        if (r) work(&d, r);
     }
     kvp_wire_msg_free(&m);
     dec_close(&d);

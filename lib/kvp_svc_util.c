@@ -288,6 +288,12 @@ kvp_svc_req_t *kvp_svc_reqs_next_work(kvp_svc_reqs_t *l, int (*has_work)(const k
     return NULL;
 }
 
+int kvp_svc_reqs_any_work(const kvp_svc_reqs_t *l, int (*has_work)(const kvp_svc_req_t *r)) {
+    for (const kvp_svc_req_t *r = l->head; r; r = r->next)
+        if (has_work(r)) return 1;
+    return 0;
+}
+
 /* ---- links -------------------------------------------------------------- */
 
 int kvp_svc_listen(const kvp_stage_t *s, const char *endpoint, const Kvpred__Hello *ours,

@@ -104,6 +104,11 @@ kvp_svc_req_t *kvp_svc_reqs_expired(const kvp_svc_reqs_t *l, double now, double 
 /* Round-robin: the first request after the turn (wrapping round) for which
  * has_work is true, which becomes the turn; NULL when none has work. */
 kvp_svc_req_t *kvp_svc_reqs_next_work(kvp_svc_reqs_t *l, int (*has_work)(const kvp_svc_req_t *r));
+/* Whether any request has work, without moving the turn: a loop that asks
+ * "busy?" before polling must not use next_work, or with two requests ready
+ * the turn would move twice per unit and one of them would always be
+ * skipped. */
+int kvp_svc_reqs_any_work(const kvp_svc_reqs_t *l, int (*has_work)(const kvp_svc_req_t *r));
 int kvp_svc_same_peer(const kvp_wire_id_t *a, const kvp_wire_id_t *b);
 
 /* ---- links -------------------------------------------------------------- */
