@@ -1,7 +1,8 @@
 /* kvpred bench engine: OpenBLAS sgemm GFLOP/s on this machine, then the
  * engine's prefill and decode speed on a ~110M-parameter Llama-shape model
  * stored as F32, F16 and BF16 GGUF files, in one run so the ratios compare
- * like with like. */
+ * like with like. Decode of an F16 or BF16 file runs on the model's 16-bit
+ * copy of its weights (kvp_matvec16), so it streams half the bytes. */
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,8 +33,9 @@ static void usage(FILE *f) {
                "  Measures sgemm GFLOP/s, then prefill of an N-token prompt (default 512) and\n"
                "  decode of N tokens (default 64) on a random-weight 110M Llama-shape model\n"
                "  (12 layers, d 768, 12 heads, ffn 2048, vocab 32000, tied output) written as\n"
-               "  GGUF files of each type in DIR (default /tmp/kvpred-bench). --small uses a\n"
-               "  tiny model (for a quick check).\n");
+               "  GGUF files of each type in DIR (default /tmp/kvpred-bench). F16 and BF16\n"
+               "  files decode on 16-bit weights, F32 and Q8_0 on f32 (sgemv). --small uses\n"
+               "  a tiny model (for a quick check).\n");
 }
 
 
@@ -97,7 +99,18 @@ static int write_model(const kvp_model_t *m, kvp_ggml_type_t type, const char *p
 typedef struct {
     const char *type;
     double load_s, prefill_s, prefill_tps, prefill_gflops, decode_tps;
+    double step_bytes; /* weight bytes a decode step streams */
+    char path[40];     /* how decode multiplies: "sgemv f32" or e.g. "avx512 bf16 x2" */
 } result_t;
+
+static void describe_path(const kvp_model_t *m, const kvp_model_ctx_t *ctx, char *buf, size_t cap) {
+    const kvp_matvec16_t *mv = kvp_model_ctx_matvec16(ctx);
+    if (m->params16 && mv)
+        snprintf(buf, cap, "%s %s x%d", kvp_matvec16_isa_name(mv),
+                 m->type16 == KVP_GGML_BF16 ? "bf16" : "f16", kvp_matvec16_threads(mv));
+    else
+        snprintf(buf, cap, "sgemv f32");
+}
 
 static int run_one(const opts_t *o, const char *path, result_t *res, kvp_err_t *err) {
     double t0 = kvp_now();
@@ -113,6 +126,8 @@ static int run_one(const opts_t *o, const char *path, result_t *res, kvp_err_t *
     if ((rc = kvp_model_ctx_new(&ctx, m, o->prompt, cap, err)) ||
         (rc = kvp_model_new_cache(m, cap, &cache, err)))
         goto done;
+    res->step_bytes = (double)kvp_model_step_weight_bytes(m);
+    describe_path(m, ctx, res->path, sizeof res->path);
     logits = malloc(sizeof(float) * (size_t)m->cfg.n_vocab);
     kvp_rng_t r;
     kvp_rng_seed(&r, 7);
@@ -274,19 +289,26 @@ int kvp_bench_engine(int argc, char **argv) {
     kvp_model_free(&m);
     if (rc) return rc;
 
-    /* decode reads every weight once a token; the engine holds them as f32 */
-    double bytes_per_token = 4.0 * (double)n_params;
-    printf("\n%-6s %8s %12s %12s %10s %12s %12s\n", "type", "load s", "prefill ms",
-           "prefill t/s", "GFLOP/s", "decode t/s", "decode GB/s");
+    /* decode reads every matrix once a token: 4 bytes a weight from the f32
+     * arena, 2 from the 16-bit copy an F16/BF16 file gives */
+    printf("\n%-6s %8s %12s %12s %10s %12s %16s %10s %12s\n", "type", "load s", "prefill ms",
+           "prefill t/s", "GFLOP/s", "decode t/s", "decode path", "MB/token", "decode GB/s");
     for (int i = 0; i < n_res; i++)
-        printf("%-6s %8.2f %12.1f %12.0f %10.1f %12.1f %12.1f\n", res[i].type, res[i].load_s,
-               res[i].prefill_s * 1e3, res[i].prefill_tps, res[i].prefill_gflops,
-               res[i].decode_tps, res[i].decode_tps * bytes_per_token / 1e9);
+        printf("%-6s %8.2f %12.1f %12.0f %10.1f %12.1f %16s %10.0f %12.1f\n", res[i].type,
+               res[i].load_s, res[i].prefill_s * 1e3, res[i].prefill_tps, res[i].prefill_gflops,
+               res[i].decode_tps, res[i].path, res[i].step_bytes / 1e6,
+               res[i].decode_tps * res[i].step_bytes / 1e9);
     if (n_res) {
         printf("\nprefill reaches %.0f%% of the sgemm figure (%s weights)\n",
                100.0 * res[0].prefill_gflops / ref, res[0].type);
-        printf("decode streams weights at %.0f%% of the measured read bandwidth\n",
-               100.0 * res[0].decode_tps * bytes_per_token / 1e9 / bw);
+        for (int i = 0; i < n_res; i++) {
+            printf("%s decode streams weights at %.0f%% of the measured read bandwidth",
+                   res[i].type, 100.0 * res[i].decode_tps * res[i].step_bytes / 1e9 / bw);
+            if (i)
+                printf("; %.2fx the %s decode speed", res[i].decode_tps / res[0].decode_tps,
+                       res[0].type);
+            printf("\n");
+        }
     }
 
     if (o.json) {
@@ -317,7 +339,9 @@ int kvp_bench_engine(int argc, char **argv) {
             kvp_json_num(&j, "prefill_gflops", res[i].prefill_gflops);
             kvp_json_num(&j, "prefill_fraction_of_sgemm", res[i].prefill_gflops / ref);
             kvp_json_num(&j, "decode_tokens_per_s", res[i].decode_tps);
-            kvp_json_num(&j, "decode_gbs", res[i].decode_tps * bytes_per_token / 1e9);
+            kvp_json_str(&j, "decode_path", res[i].path);
+            kvp_json_num(&j, "decode_weight_bytes_per_token", res[i].step_bytes);
+            kvp_json_num(&j, "decode_gbs", res[i].decode_tps * res[i].step_bytes / 1e9);
             kvp_json_close_obj(&j);
         }
         kvp_json_close_arr(&j);

@@ -2,7 +2,9 @@
  * Prediction's (auxiliary prefill + prediction + one base step) at several
  * prompt lengths, with the ratio of their TTFT FLOPs beside the ratio of
  * their times. Both run in this process on the same machine, one after the
- * other, so the ratio compares like with like. */
+ * other, so the ratio compares like with like. --dtype f16|bf16 gives the
+ * base model 16-bit weights for its single-token step (kvp_matvec16); its
+ * prefill stays on f32 sgemm but for the one row of its output head. */
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,6 +19,7 @@
 
 typedef struct {
     const char *aux, *base, *predictor, *json;
+    kvp_ggml_type_t dtype; /* of the base model's single-token step */
     int reps, chunk;
     int lens[8], n_lens;
 } opts_t;
@@ -30,9 +33,12 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: kvpred bench kvp [--aux A.gguf --base B.gguf --predictor P.gguf]\n"
             "                        [--lens 128,512,2048] [--reps R] [--chunk C] [--json FILE]\n"
+            "                        [--dtype f32|f16|bf16]\n"
             "  Without model files it uses random weights in the shapes of a 110M base\n"
             "  (12 layers, d 768) and a 4-layer d 384 auxiliary model: times do not depend\n"
-            "  on what the weights are.\n");
+            "  on what the weights are. --dtype: the base model's weights for its\n"
+            "  single-token step (default f32; f16/bf16 round the weights when the model\n"
+            "  does not already hold them in that type).\n");
 }
 
 static int parse(int argc, char **argv, opts_t *o) {
@@ -43,9 +49,11 @@ static int parse(int argc, char **argv, opts_t *o) {
                                        {"reps", required_argument, 0, 'r'},
                                        {"chunk", required_argument, 0, 'c'},
                                        {"json", required_argument, 0, 'j'},
+                                       {"dtype", required_argument, 0, 'd'},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
-    *o = (opts_t){.reps = 3, .chunk = 512, .lens = {128, 512, 2048}, .n_lens = 3};
+    *o = (opts_t){
+        .reps = 3, .chunk = 512, .lens = {128, 512, 2048}, .n_lens = 3, .dtype = KVP_GGML_F32};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
@@ -67,6 +75,19 @@ static int parse(int argc, char **argv, opts_t *o) {
             break;
         case 'c':
             o->chunk = atoi(optarg);
+            break;
+        case 'd':
+            if (!strcmp(optarg, "f32"))
+                o->dtype = KVP_GGML_F32;
+            else if (!strcmp(optarg, "f16"))
+                o->dtype = KVP_GGML_F16;
+            else if (!strcmp(optarg, "bf16"))
+                o->dtype = KVP_GGML_BF16;
+            else {
+                fprintf(stderr, "kvpred bench kvp: --dtype is f32, f16 or bf16, not '%s'\n",
+                        optarg);
+                return 2;
+            }
             break;
         case 'l': {
             o->n_lens = 0;
@@ -129,6 +150,21 @@ static int load_models(const opts_t *o, kvp_model_t **aux, kvp_model_t **base, k
     return rc;
 }
 
+/* Puts the base model's single-token step on o->dtype: f32 drops a 16-bit
+ * copy a file gave it; f16/bf16 keep one of that type or round the weights
+ * into one (after the predictor's pair check, which fingerprints the file's
+ * weights: timing does not depend on the values). */
+static int set_dtype(const opts_t *o, kvp_model_t *base, bool *rounded, kvp_err_t *err) {
+    *rounded = false;
+    if (o->dtype == KVP_GGML_F32) {
+        kvp_model_drop_half(base);
+        return KVP_OK;
+    }
+    if (base->params16 && base->type16 == o->dtype) return KVP_OK;
+    *rounded = o->aux != NULL;
+    return kvp_model_make_half(base, o->dtype, err);
+}
+
 static int measure(const opts_t *o, const kvp_model_t *aux, const kvp_model_t *base,
                    const kvp_predictor_t *p, int n, row_t *r, kvp_err_t *err) {
     kvp_model_ctx_t *actx = NULL, *bctx = NULL;
@@ -183,6 +219,7 @@ static void write_json(const opts_t *o, const row_t *rows, int n_rows, const kvp
     kvp_json_begin(&j, f);
     kvp_json_str(&j, "bench", "kvp");
     kvp_json_str(&j, "blas_core", kvp_blas_corename());
+    kvp_json_str(&j, "base_step_dtype", kvp_ggml_type_name(o->dtype));
     kvp_json_int(&j, "aux_params", (long long)aux->n_params);
     kvp_json_int(&j, "base_params", (long long)base->n_params);
     kvp_json_arr(&j, "results");
@@ -215,12 +252,17 @@ int kvp_bench_kvp(int argc, char **argv) {
     kvp_predictor_t *p = NULL;
     row_t rows[8];
     int n_rows = 0;
+    bool rounded = false;
     int rc = load_models(&o, &aux, &base, &p, &err);
+    if (!rc) rc = set_dtype(&o, base, &rounded, &err);
     if (!rc) {
         printf("OpenBLAS kernels: %s, %d threads\n", kvp_blas_corename(), kvp_blas_threads());
-        printf("base %.1fM params (%d layers, d %d), aux %.1fM params (%d layers, d %d)%s\n\n",
-               base->n_params / 1e6, base->cfg.n_layer, base->cfg.n_embd, aux->n_params / 1e6,
-               aux->cfg.n_layer, aux->cfg.n_embd, o.aux ? "" : ", random weights");
+        printf("base %.1fM params (%d layers, d %d; step on %s weights%s), aux %.1fM params (%d "
+               "layers, d %d)%s\n\n",
+               base->n_params / 1e6, base->cfg.n_layer, base->cfg.n_embd,
+               kvp_ggml_type_name(o.dtype), rounded ? ", rounded from the file's" : "",
+               aux->n_params / 1e6, aux->cfg.n_layer, aux->cfg.n_embd,
+               o.aux ? "" : ", random weights");
         printf("%7s %10s %10s %9s %9s %9s %10s %11s %9s\n", "prompt", "base ms", "kvp ms", "aux ms",
                "pred ms", "step ms", "time x", "FLOPs x", "time/FLOPs");
     }

@@ -688,6 +688,7 @@ int kvp_kvptrain_run(kvp_model_t *aux, const kvp_model_t *base, kvp_predictor_t 
     run_t r = {.aux = aux, .base = base, .p = p, .c = c, .cfg = cfg, .w = w, .loss = no_loss};
     int rc = check_config(&r, err);
     if (rc) return rc;
+    kvp_model_drop_half(aux); /* training changes the f32 weights the copy mirrors */
     const int B = cfg->batch, T = cfg->ctx;
     const size_t BT = (size_t)B * T, na = aux->n_params, np = p->n_params;
     const kvp_corpus_stream_t *train = kvp_corpus_stream(c, KVP_SPLIT_TRAIN);

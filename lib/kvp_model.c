@@ -5,6 +5,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kvp_blas.h"
+#include "kvp_half.h"
 #include "kvp_ops.h"
 #include "kvp_rng.h"
 
@@ -93,6 +95,7 @@ static int model_alloc(kvp_model_t **out, const kvp_model_config_t *cfg, kvp_err
 void kvp_model_free(kvp_model_t **m) {
     if (!m || !*m) return;
     free((*m)->params);
+    free((*m)->params16);
     free((*m)->layers);
     free((*m)->inv_freq);
     free(*m);
@@ -120,6 +123,172 @@ int kvp_model_new_random(kvp_model_t **out, const kvp_model_config_t *cfg_in, ui
     }
     *out = m;
     return KVP_OK;
+}
+
+/* ---- the 16-bit copy -------------------------------------------------- */
+
+/* Elements of the 16-bit arena: every matrix a single-token step streams. */
+static size_t half_size(const kvp_model_config_t *c) {
+    size_t E = c->n_embd, nq = (size_t)c->n_head * c->head_dim,
+           nkv = (size_t)c->n_kv_head * c->head_dim, F = c->n_ff;
+    size_t per_layer = (nq + 2 * nkv) * E + E * nq + 2 * F * E + E * F;
+    return per_layer * c->n_layer + (size_t)c->n_vocab * E;
+}
+
+void kvp_model_drop_half(kvp_model_t *m) {
+    free(m->params16);
+    m->params16 = NULL;
+    m->n_params16 = 0;
+    m->type16 = KVP_GGML_F32;
+    m->output16 = NULL;
+    for (int l = 0; l < m->cfg.n_layer; l++) {
+        kvp_layer_t *L = &m->layers[l];
+        L->wqkv16 = L->wo16 = L->w_gate_up16 = L->w_down16 = NULL;
+    }
+}
+
+/* A (new) 16-bit arena and its views, contents undefined. */
+static int half_alloc(kvp_model_t *m, kvp_ggml_type_t type, kvp_err_t *err) {
+    kvp_model_drop_half(m);
+    const kvp_model_config_t *c = &m->cfg;
+    size_t n = half_size(c);
+    uint16_t *p = malloc(sizeof(uint16_t) * n);
+    if (!p)
+        return kvp_err_set(err, KVP_ENOMEM, "model: cannot allocate %zu MiB of 16-bit weights",
+                           (sizeof(uint16_t) * n) >> 20);
+    m->params16 = p;
+    m->n_params16 = n;
+    m->type16 = type;
+    size_t E = c->n_embd, nq = (size_t)c->n_head * c->head_dim,
+           nkv = (size_t)c->n_kv_head * c->head_dim, F = c->n_ff;
+    for (int l = 0; l < c->n_layer; l++) {
+        kvp_layer_t *L = &m->layers[l];
+        L->wqkv16 = p, p += (nq + 2 * nkv) * E;
+        L->wo16 = p, p += E * nq;
+        L->w_gate_up16 = p, p += 2 * F * E;
+        L->w_down16 = p, p += E * F;
+    }
+    m->output16 = p;
+    return KVP_OK;
+}
+
+/* Called for each GGUF tensor the 16-bit arena holds: its name, where it
+ * lives in the f32 arena and in the 16-bit one (NULL without a 16-bit
+ * arena), and its number of elements. */
+typedef int (*half_mat_fn)(void *user, const char *name, float *f32, uint16_t *w16, size_t n,
+                           kvp_err_t *err);
+
+static int each_half_mat(kvp_model_t *m, half_mat_fn fn, void *user, kvp_err_t *err) {
+    const kvp_model_config_t *c = &m->cfg;
+    const size_t E = c->n_embd, nq = (size_t)c->n_head * c->head_dim,
+                 nkv = (size_t)c->n_kv_head * c->head_dim, F = c->n_ff;
+    const bool h = m->params16 != NULL;
+    int rc = fn(user, c->tied_output ? "token_embd.weight" : "output.weight", m->output,
+                h ? m->output16 : NULL, (size_t)c->n_vocab * E, err);
+    char name[96];
+    for (int l = 0; l < c->n_layer && !rc; l++) {
+        kvp_layer_t *L = &m->layers[l];
+        struct {
+            const char *suffix;
+            float *f32;
+            uint16_t *w16;
+            size_t n;
+        } ts[] = {
+            {"attn_q", L->wq, L->wqkv16, nq * E},
+            {"attn_k", L->wk, h ? L->wqkv16 + nq * E : NULL, nkv * E},
+            {"attn_v", L->wv, h ? L->wqkv16 + (nq + nkv) * E : NULL, nkv * E},
+            {"attn_output", L->wo, L->wo16, E * nq},
+            {"ffn_gate", L->w_gate, L->w_gate_up16, F * E},
+            {"ffn_up", L->w_up, h ? L->w_gate_up16 + F * E : NULL, F * E},
+            {"ffn_down", L->w_down, L->w_down16, E * F},
+        };
+        for (size_t i = 0; i < sizeof ts / sizeof ts[0] && !rc; i++) {
+            snprintf(name, sizeof name, "blk.%d.%s.weight", l, ts[i].suffix);
+            rc = fn(user, name, ts[i].f32, ts[i].w16, ts[i].n, err);
+        }
+    }
+    return rc;
+}
+
+typedef struct half_scan {
+    const kvp_gguf_t *g;
+    kvp_ggml_type_t type; /* F32 until the first tensor is seen */
+    bool mixed;
+} half_scan_t;
+
+static int scan_type(void *user, const char *name, float *f32, uint16_t *w16, size_t n,
+                     kvp_err_t *err) {
+    (void)f32, (void)w16, (void)n, (void)err;
+    half_scan_t *s = user;
+    const kvp_gguf_tensor_t *t = kvp_gguf_find_tensor(s->g, name);
+    if (!t || (t->type != KVP_GGML_F16 && t->type != KVP_GGML_BF16) ||
+        (s->type != KVP_GGML_F32 && t->type != s->type))
+        s->mixed = true;
+    else
+        s->type = t->type;
+    return KVP_OK;
+}
+
+/* The tensor's bits as they are in the file (checked as F16/BF16 of n
+ * elements by scan_type and load_tensor before). */
+static int copy_bits(void *user, const char *name, float *f32, uint16_t *w16, size_t n,
+                     kvp_err_t *err) {
+    (void)f32, (void)err;
+    const half_scan_t *s = user;
+    const kvp_gguf_tensor_t *t = kvp_gguf_find_tensor(s->g, name);
+    memcpy(w16, t->data, sizeof(uint16_t) * n);
+    return KVP_OK;
+}
+
+/* After the f32 load: the 16-bit copy when the file's matrices are all F16
+ * or all BF16 (a file mixing types keeps f32 only). */
+static int load_half(kvp_model_t *m, const kvp_gguf_t *g, kvp_err_t *err) {
+    half_scan_t s = {.g = g, .type = KVP_GGML_F32};
+    each_half_mat(m, scan_type, &s, err);
+    if (s.mixed || s.type == KVP_GGML_F32) return KVP_OK;
+    int rc = half_alloc(m, s.type, err);
+    if (!rc) rc = each_half_mat(m, copy_bits, &s, err);
+    return rc;
+}
+
+/* f32 -> 16 bits -> f32 in place through buffer `h` of n values */
+static void round_trip(float *f, uint16_t *h, size_t n, kvp_ggml_type_t type) {
+    if (type == KVP_GGML_BF16) {
+        kvp_f32_to_bf16_row(f, h, n);
+        kvp_bf16_to_f32_row(h, f, n);
+    } else {
+        kvp_f32_to_f16_row(f, h, n);
+        kvp_f16_to_f32_row(h, f, n);
+    }
+}
+
+static int round_into(void *user, const char *name, float *f32, uint16_t *w16, size_t n,
+                      kvp_err_t *err) {
+    (void)name, (void)err;
+    round_trip(f32, w16, n, *(const kvp_ggml_type_t *)user);
+    return KVP_OK;
+}
+
+int kvp_model_make_half(kvp_model_t *m, kvp_ggml_type_t type, kvp_err_t *err) {
+    if (type != KVP_GGML_F16 && type != KVP_GGML_BF16)
+        return kvp_err_set(err, KVP_EINVAL, "model: 16-bit weights are F16 or BF16, not %s",
+                           kvp_ggml_type_name(type));
+    int rc = half_alloc(m, type, err);
+    if (rc) return rc;
+    each_half_mat(m, round_into, &type, err);
+    if (!m->cfg.tied_output) {
+        /* the token embedding has no copy (a step reads one row of it) but
+         * a file of this type would store it in 16 bits too */
+        uint16_t buf[1024];
+        size_t n = (size_t)m->cfg.n_vocab * m->cfg.n_embd;
+        for (size_t i = 0; i < n; i += 1024)
+            round_trip(m->tok_embd + i, buf, n - i < 1024 ? n - i : 1024, type);
+    }
+    return KVP_OK;
+}
+
+size_t kvp_model_step_weight_bytes(const kvp_model_t *m) {
+    return half_size(&m->cfg) * (m->params16 ? sizeof(uint16_t) : sizeof(float));
 }
 
 /* ---- GGUF ------------------------------------------------------------- */
@@ -227,6 +396,7 @@ int kvp_model_from_gguf(kvp_model_t **out, const kvp_gguf_t *g, kvp_err_t *err) 
         if (!rc) kvp_rope_inv_freq(m->inv_freq, cfg.rope_dim, cfg.rope_base, factors);
         free(factors);
     }
+    if (!rc) rc = load_half(m, g, err);
     if (rc) {
         kvp_model_free(&m);
         return rc;
@@ -360,6 +530,7 @@ struct kvp_model_ctx {
     float *ffh;     /* [max_tok][n_ff] */
     float *scratch; /* attention scores */
     float *rope_cs; /* [max_tok][rope_dim]: cos/sin of each position of the chunk */
+    kvp_matvec16_t *mv; /* the 16-bit kernel and its threads; NULL for f32 models */
 };
 
 int kvp_model_ctx_new(kvp_model_ctx_t **out, const kvp_model_t *m, int max_tok, int max_ctx,
@@ -390,6 +561,13 @@ int kvp_model_ctx_new(kvp_model_ctx_t **out, const kvp_model_t *m, int max_tok, 
         kvp_model_ctx_free(&ctx);
         return kvp_err_set(err, KVP_ENOMEM, "model context: out of memory for %d tokens", max_tok);
     }
+    /* as many threads as OpenBLAS runs (OPENBLAS_NUM_THREADS): one setting
+     * for both kinds of product */
+    int rc = m->params16 ? kvp_matvec16_new(&ctx->mv, kvp_blas_threads(), KVP_MV16_AUTO, err) : 0;
+    if (rc) {
+        kvp_model_ctx_free(&ctx);
+        return rc;
+    }
     *out = ctx;
     return KVP_OK;
 }
@@ -405,12 +583,28 @@ void kvp_model_ctx_free(kvp_model_ctx_t **ctx) {
     free(c->ffh);
     free(c->scratch);
     free(c->rope_cs);
+    kvp_matvec16_free(&c->mv);
     free(c);
     *ctx = NULL;
 }
 
 const kvp_model_t *kvp_model_ctx_model(const kvp_model_ctx_t *ctx) {
     return ctx->m;
+}
+
+const kvp_matvec16_t *kvp_model_ctx_matvec16(const kvp_model_ctx_t *ctx) {
+    return ctx->mv;
+}
+
+/* y[n][n_out] = x[n][n_in] w^T. One row is a matrix-vector product, bound by
+ * the bytes of w it streams: the 16-bit copy (w16) halves them when the
+ * model has one. More rows reuse each weight and go to sgemm on f32. */
+static void project(kvp_model_ctx_t *ctx, float *y, const float *x, const float *w,
+                    const uint16_t *w16, int n, int n_in, int n_out) {
+    if (n == 1 && w16 && ctx->mv)
+        kvp_matvec16(ctx->mv, y, x, w16, ctx->m->type16, 1, n_in, n_out);
+    else
+        kvp_matmul(y, x, w, n, n_in, n_out);
 }
 
 static void add_rows(float *x, const float *y, size_t n) {
@@ -428,7 +622,7 @@ static void block_forward(kvp_model_ctx_t *ctx, kvp_kvcache_t *cache, int l, int
     const int ld_qkv = nq + 2 * nkv;
 
     kvp_rmsnorm(ctx->xn, ctx->x, L->attn_norm, n, E, c->norm_eps);
-    kvp_matmul(ctx->qkv, ctx->xn, L->wqkv, n, E, ld_qkv);
+    project(ctx, ctx->qkv, ctx->xn, L->wqkv, L->wqkv16, n, E, ld_qkv);
     for (int t = 0; t < n; t++) {
         float *row = ctx->qkv + (size_t)t * ld_qkv;
         const float *cs = ctx->rope_cs + (size_t)t * c->rope_dim;
@@ -438,13 +632,13 @@ static void block_forward(kvp_model_ctx_t *ctx, kvp_kvcache_t *cache, int l, int
     kvp_kvcache_store(cache, l, pos0, n, ctx->qkv + nq, ld_qkv, ctx->qkv + nq + nkv, ld_qkv);
     kvp_attention(ctx->att, nq, ctx->qkv, ld_qkv, kvp_kvcache_k(cache, l), kvp_kvcache_v(cache, l),
                   n, pos0, c->n_head, c->n_kv_head, c->head_dim, cache->cap, ctx->scratch);
-    kvp_matmul(ctx->xn, ctx->att, L->wo, n, nq, E);
+    project(ctx, ctx->xn, ctx->att, L->wo, L->wo16, n, nq, E);
     add_rows(ctx->x, ctx->xn, (size_t)n * E);
 
     kvp_rmsnorm(ctx->xn, ctx->x, L->ffn_norm, n, E, c->norm_eps);
-    kvp_matmul(ctx->gu, ctx->xn, L->w_gate_up, n, E, 2 * c->n_ff);
+    project(ctx, ctx->gu, ctx->xn, L->w_gate_up, L->w_gate_up16, n, E, 2 * c->n_ff);
     kvp_swiglu(ctx->ffh, c->n_ff, ctx->gu, ctx->gu + c->n_ff, 2 * c->n_ff, n, c->n_ff);
-    kvp_matmul(ctx->xn, ctx->ffh, L->w_down, n, c->n_ff, E);
+    project(ctx, ctx->xn, ctx->ffh, L->w_down, L->w_down16, n, c->n_ff, E);
     add_rows(ctx->x, ctx->xn, (size_t)n * E);
 }
 
@@ -466,7 +660,7 @@ static void chunk_forward(kvp_model_ctx_t *ctx, kvp_kvcache_t *cache, const int3
     int first = mode == KVP_LOGITS_ALL ? 0 : n - 1;
     int rows = n - first;
     kvp_rmsnorm(ctx->xn, ctx->x + (size_t)first * E, m->output_norm, rows, E, c->norm_eps);
-    kvp_matmul(logits, ctx->xn, m->output, rows, E, c->n_vocab);
+    project(ctx, logits, ctx->xn, m->output, m->output16, rows, E, c->n_vocab);
 }
 
 int kvp_model_forward(kvp_model_ctx_t *ctx, kvp_kvcache_t *cache, const int32_t *tokens, int n_tok,

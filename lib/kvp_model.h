@@ -6,7 +6,17 @@
  * fused as one [n_q + 2*n_kv][n_embd] matrix and gate/up as one
  * [2*n_ff][n_embd] matrix: prefill then runs one large sgemm for each instead
  * of three or two smaller ones. The separate views (wq, wk, wv, w_gate, w_up)
- * point into them. */
+ * point into them.
+ *
+ * A model may also hold 16-bit copies (F16 or BF16) of its big matrices —
+ * wqkv, wo, w_gate_up, w_down and the output head, in the same fused
+ * layouts — in a second arena (`params16`). Single-token forward steps
+ * (decode, the base step of KV Prediction) read those instead: such a step
+ * streams every weight once, so half the bytes is nearly half the time.
+ * Everything else (prefill's sgemm, training, the fingerprint) uses the f32
+ * arena. Both copies hold the same values: a model loaded from an F16/BF16
+ * file gets the file's bits, and kvp_model_make_half() rounds the f32
+ * weights before copying them. */
 #ifndef KVP_MODEL_H
 #define KVP_MODEL_H
 
@@ -17,6 +27,7 @@
 #include "kvp_err.h"
 #include "kvp_gguf.h"
 #include "kvp_kvcache.h"
+#include "kvp_matvec16.h"
 
 typedef struct kvp_model_config {
     int n_vocab;
@@ -42,6 +53,9 @@ typedef struct kvp_layer {
     float *w_gate_up;     /* [2*n_ff][n_embd] */
     float *w_gate, *w_up; /* views into w_gate_up */
     float *w_down;        /* [n_embd][n_ff] */
+    /* 16-bit copies of wqkv, wo, w_gate_up, w_down (kvp_model_t.type16), or
+     * all NULL */
+    uint16_t *wqkv16, *wo16, *w_gate_up16, *w_down16;
 } kvp_layer_t;
 
 typedef struct kvp_model {
@@ -53,6 +67,10 @@ typedef struct kvp_model {
     float *output;      /* [n_vocab][n_embd]; == tok_embd when tied */
     kvp_layer_t *layers;
     float *inv_freq; /* [rope_dim / 2] */
+    uint16_t *params16; /* the 16-bit arena, or NULL */
+    size_t n_params16;
+    kvp_ggml_type_t type16; /* KVP_GGML_F16 or KVP_GGML_BF16 when params16 is set */
+    uint16_t *output16;     /* [n_vocab][n_embd] 16-bit copy of the output head */
 } kvp_model_t;
 
 /* Fills derived fields and checks a configuration. */
@@ -62,10 +80,29 @@ int kvp_model_config_check(kvp_model_config_t *cfg, kvp_err_t *err);
 int kvp_model_new_random(kvp_model_t **out, const kvp_model_config_t *cfg, uint64_t seed, float std,
                          kvp_err_t *err);
 /* Loads architecture `llama` from an open GGUF file (any of F32, F16, BF16,
- * Q8_0 tensors, converted to f32). Shapes are checked against the metadata. */
+ * Q8_0 tensors, converted to f32). Shapes are checked against the metadata.
+ * When every big matrix (attention, feed-forward, output head) is F16, or
+ * every one is BF16, their bits are also kept as the model's 16-bit copy. */
 int kvp_model_from_gguf(kvp_model_t **out, const kvp_gguf_t *g, kvp_err_t *err);
 int kvp_model_load(kvp_model_t **out, const char *path, kvp_err_t *err);
 void kvp_model_free(kvp_model_t **m);
+
+/* Gives a model 16-bit weights of `type` (KVP_GGML_F16 or KVP_GGML_BF16):
+ * rounds the f32 matrices that a GGUF file of that type would store in 16
+ * bits (every 2-D tensor; norms stay f32) to that type in place, then keeps
+ * the 16-bit copy. The model then equals what writing it as `type` and
+ * loading it back would give. Replaces an existing copy. Call it before
+ * making contexts for the model (kvp_model_ctx_new starts the threads of
+ * the 16-bit kernel only for a model that has the copy). */
+int kvp_model_make_half(kvp_model_t *m, kvp_ggml_type_t type, kvp_err_t *err);
+/* Frees the 16-bit copy: forward steps go back to the f32 weights. Anyone
+ * who changes the f32 weights (training) calls this first, since the copy
+ * would no longer match them. */
+void kvp_model_drop_half(kvp_model_t *m);
+/* Bytes of weights a single-token step streams: every matrix but the token
+ * embedding (of which it reads one row), 2 bytes each with the 16-bit copy,
+ * else 4. */
+size_t kvp_model_step_weight_bytes(const kvp_model_t *m);
 
 /* Adds the llama.* metadata and every tensor, stored as `type`, to w. The
  * caller adds the vocabulary (kvp_tokenizer_write_bytelevel) and writes. */
@@ -93,6 +130,9 @@ int kvp_model_ctx_new(kvp_model_ctx_t **out, const kvp_model_t *m, int max_tok, 
                       kvp_err_t *err);
 void kvp_model_ctx_free(kvp_model_ctx_t **ctx);
 const kvp_model_t *kvp_model_ctx_model(const kvp_model_ctx_t *ctx);
+/* The 16-bit kernel's runner (kvp_matvec16.h: its ISA and thread count),
+ * NULL when the model had no 16-bit copy when the context was made. */
+const kvp_matvec16_t *kvp_model_ctx_matvec16(const kvp_model_ctx_t *ctx);
 
 typedef enum kvp_logits_mode {
     KVP_LOGITS_NONE = 0, /* only fill the cache */
@@ -102,7 +142,9 @@ typedef enum kvp_logits_mode {
 
 /* Runs n_tok tokens at positions cache->len .. cache->len+n_tok-1, appends
  * their K/V to the cache (len grows by n_tok) and writes logits as asked.
- * Longer inputs than max_tok are processed in chunks of max_tok. */
+ * Longer inputs than max_tok are processed in chunks of max_tok. Products
+ * over a single row (a one-token chunk; the output head of one row) use the
+ * 16-bit copy when the model has one, all others sgemm on the f32 weights. */
 int kvp_model_forward(kvp_model_ctx_t *ctx, kvp_kvcache_t *cache, const int32_t *tokens, int n_tok,
                       float *logits, kvp_logits_mode_t mode, kvp_err_t *err);
 

@@ -319,6 +319,7 @@ int kvp_trainer_run(kvp_model_t *m, const kvp_corpus_t *c, const kvp_trainer_con
     res->val_loss = res->val_bpb = NAN;
     int rc = check_config(m, c, cfg, err);
     if (rc) return rc;
+    kvp_model_drop_half(m); /* training changes the f32 weights the copy mirrors */
     const int B = cfg->batch, T = cfg->ctx;
     const size_t BT = (size_t)B * T, n = m->n_params;
     const kvp_corpus_stream_t *train = kvp_corpus_stream(c, KVP_SPLIT_TRAIN);
