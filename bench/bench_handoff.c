@@ -37,6 +37,7 @@
 
 #include "kvp_bench.h"
 #include "kvp_bench_stages.h"
+#include "kvp_bench_util.h"
 #include "kvp_blas.h"
 #include "kvp_cpus.h"
 #include "kvp_client.h"
@@ -268,62 +269,6 @@ static int parse(int argc, char **argv, opts_t *o) {
 }
 
 /* ---- models and vocabulary ------------------------------------------------ */
-
-static int load_models(const opts_t *o, kvp_model_t **aux, kvp_model_t **base, kvp_predictor_t **p,
-                       kvp_err_t *err) {
-    if (o->aux) {
-        int rc = kvp_model_load(aux, o->aux, err);
-        if (!rc) rc = kvp_model_load(base, o->base, err);
-        if (!rc) rc = kvp_predictor_load(p, o->predictor, err);
-        if (!rc) rc = kvp_predictor_check_pair(*p, *aux, *base, err);
-        return rc;
-    }
-    kvp_model_config_t bc = {.n_vocab = 32000,
-                             .n_embd = 768,
-                             .n_layer = 12,
-                             .n_head = 12,
-                             .n_kv_head = 12,
-                             .n_ff = 2048,
-                             .n_ctx_train = 4096,
-                             .tied_output = true};
-    kvp_model_config_t ac = {.n_vocab = 32000,
-                             .n_embd = 384,
-                             .n_layer = 4,
-                             .n_head = 6,
-                             .n_kv_head = 6,
-                             .n_ff = 1024,
-                             .n_ctx_train = 4096,
-                             .tied_output = true};
-    if (o->small) {
-        bc = (kvp_model_config_t){.n_vocab = 512,
-                                  .n_embd = 128,
-                                  .n_layer = 2,
-                                  .n_head = 4,
-                                  .n_kv_head = 4,
-                                  .n_ff = 256,
-                                  .n_ctx_train = 4096,
-                                  .tied_output = true};
-        ac = (kvp_model_config_t){.n_vocab = 512,
-                                  .n_embd = 64,
-                                  .n_layer = 1,
-                                  .n_head = 2,
-                                  .n_kv_head = 2,
-                                  .n_ff = 128,
-                                  .n_ctx_train = 4096,
-                                  .tied_output = true};
-    }
-    int rc = kvp_model_new_random(base, &bc, 1, 0.02f, err);
-    if (!rc) rc = kvp_model_new_random(aux, &ac, 2, 0.02f, err);
-    if (!rc) rc = kvp_predictor_new(p, kvp_kv_shape_of(*aux), kvp_kv_shape_of(*base), NULL, err);
-    if (rc) return rc;
-    /* small random maps: the times do not depend on the values, but zeros
-     * would make every predicted key the same */
-    kvp_rng_t r;
-    kvp_rng_seed(&r, 3);
-    for (size_t i = 0; i < (*p)->n_params; i++)
-        (*p)->params[i] = 0.02f * kvp_rng_normal(&r);
-    return kvp_predictor_bind(*p, *aux, *base, err);
-}
 
 /* kvpred's byte-level vocabulary, through a GGUF file as a model carries it:
  * the stages need a tokenizer, though requests send token ids. */
@@ -1008,7 +953,7 @@ int kvp_bench_handoff(int argc, char **argv) {
     double load[1] = {0};
     if (getloadavg(load, 1) < 1) load[0] = -1;
     int rc = rows ? KVP_OK : kvp_err_set(&err, KVP_ENOMEM, "out of memory");
-    if (!rc) rc = load_models(&o, &aux, &base, &p, &err);
+    if (!rc) rc = kvp_bench_model_pair(o.aux, o.base, o.predictor, o.small, &aux, &base, &p, &err);
     if (!rc) rc = bytelevel_tokenizer(&tok, &err);
     for (int i = 0; !rc && i < o.n_lens; i++) {
         if (o.lens[i] > longest) longest = o.lens[i];

@@ -11,6 +11,7 @@
 #include <string.h>
 
 #include "kvp_bench.h"
+#include "kvp_bench_util.h"
 #include "kvp_blas.h"
 #include "kvp_json.h"
 #include "kvp_kvpgen.h"
@@ -119,37 +120,6 @@ static int parse(int argc, char **argv, opts_t *o) {
     return 0;
 }
 
-static int load_models(const opts_t *o, kvp_model_t **aux, kvp_model_t **base, kvp_predictor_t **p,
-                       kvp_err_t *err) {
-    if (o->aux) {
-        int rc = kvp_model_load(aux, o->aux, err);
-        if (!rc) rc = kvp_model_load(base, o->base, err);
-        if (!rc) rc = kvp_predictor_load(p, o->predictor, err);
-        if (!rc) rc = kvp_predictor_check_pair(*p, *aux, *base, err);
-        return rc;
-    }
-    kvp_model_config_t bc = {.n_vocab = 32000,
-                             .n_embd = 768,
-                             .n_layer = 12,
-                             .n_head = 12,
-                             .n_kv_head = 12,
-                             .n_ff = 2048,
-                             .n_ctx_train = 4096,
-                             .tied_output = true};
-    kvp_model_config_t ac = {.n_vocab = 32000,
-                             .n_embd = 384,
-                             .n_layer = 4,
-                             .n_head = 6,
-                             .n_kv_head = 6,
-                             .n_ff = 1024,
-                             .n_ctx_train = 4096,
-                             .tied_output = true};
-    int rc = kvp_model_new_random(base, &bc, 1, 0.02f, err);
-    if (!rc) rc = kvp_model_new_random(aux, &ac, 2, 0.02f, err);
-    if (!rc) rc = kvp_predictor_new(p, kvp_kv_shape_of(*aux), kvp_kv_shape_of(*base), NULL, err);
-    return rc;
-}
-
 /* Puts the base model's single-token step on o->dtype: f32 drops a 16-bit
  * copy a file gave it; f16/bf16 keep one of that type or round the weights
  * into one (after the predictor's pair check, which fingerprints the file's
@@ -253,7 +223,7 @@ int kvp_bench_kvp(int argc, char **argv) {
     row_t rows[8];
     int n_rows = 0;
     bool rounded = false;
-    int rc = load_models(&o, &aux, &base, &p, &err);
+    int rc = kvp_bench_model_pair(o.aux, o.base, o.predictor, 0, &aux, &base, &p, &err);
     if (!rc) rc = set_dtype(&o, base, &rounded, &err);
     if (!rc) {
         printf("OpenBLAS kernels: %s, %d threads\n", kvp_blas_corename(), kvp_blas_threads());
