@@ -55,6 +55,7 @@ typedef struct {
     int reps, port, dtype, small, quick, verbose;
     int procs;              /* stages as forked processes (default) or threads */
     int credits;            /* the decoder's credits per request (0: its default, 4) */
+    int tail;               /* aux-prefill's halving tail in tokens (0: its default, -1: off) */
     int threads[3];         /* OpenBLAS threads per stage; 0: the library's default */
     const char *cpus[3];    /* CPU list per stage (processes only) */
     char cpus_buf[128];
@@ -99,6 +100,7 @@ static void usage(FILE *f) {
         "                            [--dtype f32|f16] [--port P] [--quick] [--json FILE]\n"
         "                            [--stages procs|threads] [--stage-threads N|A,P,D]\n"
         "                            [--stage-cpus L|LA/LP/LD] [--credits N]\n"
+        "                            [--tail N|-1]\n"
         "  Runs aux-prefill, predictor and decoder over tcp loopback and compares their\n"
         "  TTFT and KV transfer with in-process KV Prediction and with raw libzmq moving\n"
         "  the same messages.\n"
@@ -109,6 +111,8 @@ static void usage(FILE *f) {
         "  --stage-cpus: pin each stage process to a CPU list, e.g. 0-1/1/0-1.\n"
         "  --credits N: chunks in flight per request (the decoder's --credits, default\n"
         "  4); 1 runs the stages in lock-step, which suits stages sharing few cores.\n"
+        "  --tail N: aux-prefill cuts the prompt's last chunk into halving pieces down\n"
+        "  to N tokens (default 16; -1: no cutting).\n"
         "  Without model files: random weights of a 110M base (12 layers, d 768) and a\n"
         "  4-layer d 384 aux; --small: base 2 layers d 128, aux 1 layer d 64, vocab 512.\n"
         "  --port P: stages on P, P+1, P+2 (default: free ports picked at start).\n"
@@ -142,6 +146,7 @@ static int parse(int argc, char **argv, opts_t *o) {
                                        {"stage-threads", required_argument, 0, 'T'},
                                        {"stage-cpus", required_argument, 0, 'C'},
                                        {"credits", required_argument, 0, 'K'},
+                                       {"tail", required_argument, 0, 'L'},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
     *o = (opts_t){.reps = 3,
@@ -214,6 +219,13 @@ static int parse(int argc, char **argv, opts_t *o) {
                 fprintf(stderr, "kvpred bench handoff: --stage-threads wants N or A,P,D with "
                                 "each in [1, 1024], not '%s'\n",
                         optarg);
+                return 2;
+            }
+            break;
+        case 'L':
+            o->tail = atoi(optarg);
+            if (o->tail < -1 || o->tail == 0 || o->tail > 8192) {
+                fprintf(stderr, "kvpred bench handoff: --tail is -1 (off) or in [1, 8192]\n");
                 return 2;
             }
             break;
@@ -903,7 +915,8 @@ static int start_stages(const opts_t *o, const kvp_model_t *aux, const kvp_model
                         const kvp_predictor_t *p, const kvp_tokenizer_t *tok,
                         kvp_bench_stages_t **st, kvp_err_t *err) {
     kvp_bench_stages_opts_t so = {.procs = o->procs, .port = o->port, .dtype = o->dtype,
-                                  .verbose = o->verbose, .credits = o->credits};
+                                  .verbose = o->verbose, .credits = o->credits,
+                                  .tail = o->tail};
     for (int i = 0; i < KVP_BSTAGES; i++) {
         so.threads[i] = o->threads[i];
         so.cpus[i] = o->cpus[i];

@@ -140,6 +140,7 @@ static void configure(kvp_bench_stages_t *s, const kvp_model_t *aux, const kvp_m
     s->aux.model = aux;
     s->aux.tok = tok;
     s->aux.chunk_tokens = 128;
+    s->aux.tail_tokens = s->o.tail;
     common_cfg(s, &s->pred.c, KVP_BSTAGE_PRED);
     s->pred.listen = s->ep[KVP_BSTAGE_PRED];
     s->pred.downstream = s->ep[KVP_BSTAGE_DEC];

@@ -28,6 +28,7 @@ typedef struct kvp_bench_stages_opts {
     int dtype;                   /* KVPRED__DTYPE__* on the wire */
     int max_chunk;               /* the largest chunk a request will name */
     int credits;                 /* chunks in flight per request (decoder's grant; 0: its default) */
+    int tail;                    /* aux-prefill's halving tail (kvp_aux_cfg_t.tail_tokens; 0: default, -1: off) */
     int verbose;                 /* stage log lines on stderr */
 } kvp_bench_stages_opts_t;
 
