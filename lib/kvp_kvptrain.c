@@ -4,18 +4,15 @@
  *
  * The loop mirrors kvp_trainer.c step for step (sampling, accumulation,
  * clipping, AdamW, schedule, checkpoints, CSV log, progress) with two
- * parameter groups instead of one; the few static helpers it needs from there
- * (token bytes, key=value metadata, the log's cut-back on resume) are copied
- * below, marked as such, rather than exported from a module that is
- * being worked on. */
+ * parameter groups instead of one; what the two loops share (validation
+ * windows, settings checks, checkpoint metadata, the log, the loop's
+ * bookkeeping) is in kvp_trainutil. */
 #include "kvp_kvptrain.h"
 #include "kvp_trainutil.h"
 
 #include <cblas.h>
-#include <errno.h>
 #include <inttypes.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -27,8 +24,7 @@
 #include "kvp_time.h"
 #include "kvp_train.h"
 
-#define LN2 0.69314718055994530942
-#define CKPT_FORMAT "kvpred-kvptrain 1"
+#define LN2 KVP_TRAINUTIL_LN2
 #define CSV_HEADER                                                                                 \
     "step,tokens,lr,loss,base_loss,aux_loss,kv_loss,grad_norm,val_base_bpb,val_aux_bpb,val_kv,"    \
     "tok_per_s,elapsed_s"
@@ -297,13 +293,6 @@ static int eval_batch(kvp_kvptrain_ctx_t *x, const int32_t *tok, const int32_t *
     return KVP_OK;
 }
 
-static void eval_set(kvp_eval_t *e, double nats, uint64_t tokens, uint64_t bytes) {
-    e->tokens = tokens;
-    e->bytes = bytes;
-    e->loss = tokens ? nats / (double)tokens : NAN;
-    e->bpb = bytes ? nats / LN2 / (double)bytes : NAN;
-}
-
 /* The windows of kvp_trainer_evaluate: about max_tokens tokens of s in evenly
  * spaced windows of T, B a forward; cross-entropy without z-loss. */
 static int evaluate(kvp_kvptrain_ctx_t *x, const kvp_corpus_stream_t *s, const uint32_t *tb,
@@ -311,56 +300,28 @@ static int evaluate(kvp_kvptrain_ctx_t *x, const kvp_corpus_stream_t *s, const u
                     kvp_kvptrain_eval_t *out, kvp_err_t *err) {
     const int B = x->B, T = x->T, V = x->base->cfg.n_vocab;
     memset(out, 0, sizeof *out);
-    size_t n_win = kvp_corpus_n_windows(s, T);
-    if (n_win == 0)
-        return kvp_err_set(err, KVP_EINVAL, "evaluation: the validation split is empty");
-    size_t k = n_win;
-    if (max_tokens > 0 && (max_tokens + (uint64_t)T - 1) / (uint64_t)T < k)
-        k = (size_t)((max_tokens + (uint64_t)T - 1) / (uint64_t)T);
-    const int32_t pad = s->tok[0];
+    kvp_trainutil_windows_t win;
+    int rc = kvp_trainutil_windows_init(&win, s, T, max_tokens, err);
+    if (rc) return rc;
     double nats[3] = {0, 0, 0}, abs_sum = 0.0;
     uint64_t n_tok = 0, n_bytes = 0, n_rows = 0;
     kvp_train_set_zloss(x->atc, 0.0f);
     kvp_train_set_zloss(x->btc, 0.0f);
-    int rc = KVP_OK;
-    for (size_t j0 = 0; !rc && j0 < k; j0 += (size_t)B) {
-        uint64_t scored = 0;
-        int n_real = 0;
-        for (int b = 0; b < B && !rc; b++) {
-            int32_t *tk = tokens + (size_t)b * T, *tg = targets + (size_t)b * T;
-            size_t j = j0 + (size_t)b;
-            if (j < k) {
-                size_t w = (size_t)((unsigned __int128)j * n_win / k);
-                kvp_corpus_window(s, w, T, pad, tk, tg);
-                n_real++;
-            } else {
-                for (int t = 0; t < T; t++)
-                    tk[t] = pad, tg[t] = -1;
-            }
-            for (int t = 0; t < T; t++)
-                if (tg[t] >= 0) {
-                    if (tg[t] >= V) {
-                        rc = kvp_err_set(err, KVP_ERANGE,
-                                         "evaluation: token %d is outside the models' "
-                                         "vocabulary of %d",
-                                         (int)tg[t], V);
-                        break;
-                    }
-                    scored++;
-                    n_bytes += tb[tg[t]];
-                }
-        }
-        if (rc || !scored) continue;
-        rc = eval_batch(x, tokens, targets, scored, n_real, nats, &abs_sum, err);
-        n_tok += scored;
-        n_rows += (uint64_t)n_real * T;
+    for (size_t j0 = 0; !rc && j0 < win.k; j0 += (size_t)B) {
+        kvp_trainutil_batch_t b;
+        rc = kvp_trainutil_windows_fill(&win, j0, B, tb, V, "models'", tokens, targets, &b, err);
+        n_bytes += b.bytes;
+        if (rc || !b.scored) continue;
+        rc = eval_batch(x, tokens, targets, b.scored, b.n_real, nats, &abs_sum, err);
+        n_tok += b.scored;
+        n_rows += (uint64_t)b.n_real * T;
     }
     kvp_train_set_zloss(x->atc, x->w.zloss);
     kvp_train_set_zloss(x->btc, x->w.zloss);
     if (rc) return rc;
-    eval_set(&out->base_pred, nats[0], n_tok, n_bytes);
-    eval_set(&out->aux, nats[1], n_tok, n_bytes);
-    eval_set(&out->base_own, nats[2], n_tok, n_bytes);
+    kvp_trainutil_eval_set(&out->base_pred, nats[0], n_tok, n_bytes);
+    kvp_trainutil_eval_set(&out->aux, nats[1], n_tok, n_bytes);
+    kvp_trainutil_eval_set(&out->base_own, nats[2], n_tok, n_bytes);
     out->kv = n_rows ? abs_sum / ((double)n_rows * x->d_out) : NAN;
     return KVP_OK;
 }
@@ -389,13 +350,12 @@ int kvp_kvptrain_evaluate(const kvp_model_t *aux, const kvp_model_t *base, const
 }
 
 /* ---- checkpoint metadata -------------------------------------------------------
- * Copied from kvp_trainer.c (static there): a text section of key=value
- * lines; floats with enough digits to read back exactly. */
+ * A text section of key=value lines (kvp_trainutil), as kvp_trainer's with
+ * the keys of two parameter groups, the losses and the evaluations. */
 
-static double meta_double(const char *text, size_t n, const char *key) {
-    char v[64];
-    return kvp_trainutil_meta_get(text, n, key, v, sizeof v) ? strtod(v, NULL) : NAN;
-}
+static const kvp_trainutil_ckpt_kind_t CKPT_KIND = {.format = "kvpred-kvptrain 1",
+                                                    .name = "KV-prediction training",
+                                                    .same = "models, settings and corpus"};
 
 /* FNV-1a-64 of bytes, continuing from h. */
 static uint64_t fnv(uint64_t h, const void *data, size_t n) {
@@ -430,38 +390,17 @@ typedef struct run {
 
 /* The settings a resumed run must share with its checkpoint. */
 static void meta_settings(kvp_trainutil_meta_t *mt, const run_t *r) {
-    const kvp_trainer_config_t *cfg = r->cfg;
-    const kvp_model_config_t *mc = &r->aux->cfg;
     const kvp_predictor_t *p = r->p;
-    kvp_trainutil_meta_add(mt, "aux_n_params", "%zu", r->aux->n_params);
-    kvp_trainutil_meta_add(
-        mt, "aux_model",
-        "vocab %d embd %d layers %d heads %d kv_heads %d head_dim %d ffn %d rope_dim %d "
-        "rope_base %.9g norm_eps %.9g tied %d",
-        mc->n_vocab, mc->n_embd, mc->n_layer, mc->n_head, mc->n_kv_head, mc->head_dim, mc->n_ff,
-        mc->rope_dim, mc->rope_base, mc->norm_eps, (int)mc->tied_output);
+    kvp_trainutil_meta_add_model(mt, "aux_", r->aux);
     kvp_trainutil_meta_add(mt, "aux_start", "%s", r->aux_start);
     kvp_trainutil_meta_add(mt, "base", "%s", r->base_fp);
     kvp_trainutil_meta_add(mt, "predictor", "aux %dx%dx%d base %dx%dx%d start %016" PRIx64,
                            p->aux.n_layer, p->aux.n_kv_head, p->aux.head_dim, p->base.n_layer,
                            p->base.n_kv_head, p->base.head_dim, r->pred_start);
-    kvp_trainutil_meta_add(mt, "batch", "%d", cfg->batch);
-    kvp_trainutil_meta_add(mt, "ctx", "%d", cfg->ctx);
-    kvp_trainutil_meta_add(mt, "accum", "%d", cfg->accum);
-    kvp_trainutil_meta_add(mt, "steps", "%d", cfg->steps);
-    kvp_trainutil_meta_add(mt, "warmup", "%d", r->warmup);
-    kvp_trainutil_meta_add(mt, "lr", "%.9g", cfg->lr);
-    kvp_trainutil_meta_add(mt, "min_lr", "%.9g", cfg->min_lr);
-    kvp_trainutil_meta_add(mt, "beta1", "%.9g", cfg->adamw.beta1);
-    kvp_trainutil_meta_add(mt, "beta2", "%.9g", cfg->adamw.beta2);
-    kvp_trainutil_meta_add(mt, "eps", "%.9g", cfg->adamw.eps);
-    kvp_trainutil_meta_add(mt, "weight_decay", "%.9g", cfg->adamw.weight_decay);
-    kvp_trainutil_meta_add(mt, "clip", "%.9g", cfg->clip);
-    kvp_trainutil_meta_add(mt, "seed", "%" PRIu64, cfg->seed);
+    kvp_trainutil_meta_add_schedule(mt, r->cfg, r->warmup);
     kvp_trainutil_meta_add(mt, "weights", "base %.9g aux %.9g kv %.9g zloss %.9g", r->w->base_w,
                            r->w->aux_w, r->w->kv_w, r->w->zloss);
-    kvp_trainutil_meta_add(mt, "corpus", "%016" PRIx64 " (%zu files)", kvp_corpus_fingerprint(r->c),
-                           kvp_corpus_n_files(r->c));
+    kvp_trainutil_meta_add_corpus(mt, r->c);
 }
 
 static void meta_eval(kvp_trainutil_meta_t *mt, const char *prefix, const kvp_kvptrain_eval_t *e) {
@@ -483,29 +422,28 @@ static void meta_eval(kvp_trainutil_meta_t *mt, const char *prefix, const kvp_kv
 }
 
 static void meta_get_eval(const char *text, size_t n, const char *prefix, kvp_kvptrain_eval_t *e) {
-    char k[64], v[64];
+    char k[64];
     kvp_eval_t *parts[] = {&e->base_pred, &e->aux, &e->base_own};
     const char *names[] = {"base_pred", "aux", "base_own"};
     for (size_t i = 0; i < 3; i++) {
         snprintf(k, sizeof k, "%s_%s_loss", prefix, names[i]);
-        parts[i]->loss = meta_double(text, n, k);
+        parts[i]->loss = kvp_trainutil_meta_double(text, n, k);
         snprintf(k, sizeof k, "%s_%s_bpb", prefix, names[i]);
-        parts[i]->bpb = meta_double(text, n, k);
+        parts[i]->bpb = kvp_trainutil_meta_double(text, n, k);
         snprintf(k, sizeof k, "%s_%s_tokens", prefix, names[i]);
-        parts[i]->tokens =
-            kvp_trainutil_meta_get(text, n, k, v, sizeof v) ? strtoull(v, NULL, 10) : 0;
+        parts[i]->tokens = kvp_trainutil_meta_u64(text, n, k);
     }
     snprintf(k, sizeof k, "%s_kv", prefix);
-    e->kv = meta_double(text, n, k);
+    e->kv = kvp_trainutil_meta_double(text, n, k);
 }
 
 static int save_ckpt(run_t *r, kvp_err_t *err) {
     kvp_trainutil_meta_t mt = {.n = 0};
-    kvp_trainutil_meta_add(&mt, "format", CKPT_FORMAT);
-    kvp_trainutil_meta_add(&mt, "step", "%d", r->step);
-    kvp_trainutil_meta_add(&mt, "tokens", "%" PRIu64, r->tokens);
-    kvp_trainutil_meta_add(&mt, "elapsed", "%.17g", r->elapsed_before + (kvp_now() - r->t0));
-    kvp_trainutil_meta_add(&mt, "adam_t", "%" PRId64, r->opt_a->t);
+    const kvp_trainutil_pos_t pos = {.step = r->step,
+                                     .tokens = r->tokens,
+                                     .elapsed = r->elapsed_before + (kvp_now() - r->t0),
+                                     .adam_t = r->opt_a->t};
+    kvp_trainutil_meta_add_pos(&mt, CKPT_KIND.format, &pos);
     kvp_trainutil_meta_add(&mt, "loss", "%.17g", r->loss.total);
     kvp_trainutil_meta_add(&mt, "loss_base", "%.17g", r->loss.base);
     kvp_trainutil_meta_add(&mt, "loss_aux", "%.17g", r->loss.aux);
@@ -531,66 +469,27 @@ static int save_ckpt(run_t *r, kvp_err_t *err) {
 }
 
 static int load_ckpt(run_t *r, kvp_err_t *err) {
-    const char *path = r->cfg->ckpt_path;
-    kvp_ckpt_t *ck = NULL;
-    int rc = kvp_ckpt_read(&ck, path, err);
-    if (rc) return rc;
-    uint64_t ml = 0;
-    const char *text = kvp_ckpt_find(ck, "meta", &ml);
-    char val[512], want_val[512];
-    if (!text || !kvp_trainutil_meta_get(text, (size_t)ml, "format", val, sizeof val) ||
-        strcmp(val, CKPT_FORMAT)) {
-        kvp_ckpt_free(&ck);
-        return kvp_err_set(err, KVP_EFORMAT,
-                           "checkpoint %s: not a kvpred KV-prediction training checkpoint", path);
-    }
     kvp_trainutil_meta_t want = {.n = 0};
     meta_settings(&want, r);
-    for (char *line = want.buf; *line;) {
-        char *nl = strchr(line, '\n');
-        *nl = 0;
-        char *eq = strchr(line, '=');
-        *eq = 0;
-        snprintf(want_val, sizeof want_val, "%s", eq + 1);
-        if (!kvp_trainutil_meta_get(text, (size_t)ml, line, val, sizeof val))
-            snprintf(val, sizeof val, "?");
-        if (strcmp(val, want_val)) {
-            rc = kvp_err_set(err, KVP_ESHAPE,
-                             "checkpoint %s was written with %s=%s, this run has %s=%s: resume "
-                             "with the same models, settings and corpus, or start afresh",
-                             path, line, val, line, want_val);
-            kvp_ckpt_free(&ck);
-            return rc;
-        }
-        line = nl + 1;
-    }
-    char v[4][64];
-    if (!kvp_trainutil_meta_get(text, (size_t)ml, "step", v[0], sizeof v[0]) ||
-        !kvp_trainutil_meta_get(text, (size_t)ml, "tokens", v[1], sizeof v[1]) ||
-        !kvp_trainutil_meta_get(text, (size_t)ml, "elapsed", v[2], sizeof v[2]) ||
-        !kvp_trainutil_meta_get(text, (size_t)ml, "adam_t", v[3], sizeof v[3])) {
-        kvp_ckpt_free(&ck);
-        return kvp_err_set(err, KVP_EFORMAT, "checkpoint %s: metadata incomplete", path);
-    }
-    r->step = atoi(v[0]);
-    r->tokens = strtoull(v[1], NULL, 10);
-    r->elapsed_before = strtod(v[2], NULL);
-    r->opt_a->t = r->opt_p->t = strtoll(v[3], NULL, 10);
-    r->loss.total = meta_double(text, (size_t)ml, "loss");
-    r->loss.base = meta_double(text, (size_t)ml, "loss_base");
-    r->loss.aux = meta_double(text, (size_t)ml, "loss_aux");
-    r->loss.kv = meta_double(text, (size_t)ml, "loss_kv");
-    r->have_before =
-        kvp_trainutil_meta_get(text, (size_t)ml, "have_before", val, sizeof val) && atoi(val);
-    if (r->have_before) meta_get_eval(text, (size_t)ml, "before", &r->before);
-    r->have_val =
-        kvp_trainutil_meta_get(text, (size_t)ml, "have_val", val, sizeof val) && atoi(val);
-    if (r->have_val) meta_get_eval(text, (size_t)ml, "val", &r->val);
-    if (r->step < 0 || r->step > r->cfg->steps) {
-        kvp_ckpt_free(&ck);
-        return kvp_err_set(err, KVP_EFORMAT, "checkpoint %s: step %d outside [0, %d]", path,
-                           r->step, r->cfg->steps);
-    }
+    kvp_ckpt_t *ck = NULL;
+    kvp_trainutil_pos_t pos;
+    const char *text;
+    size_t ml;
+    int rc = kvp_trainutil_ckpt_open(&ck, r->cfg->ckpt_path, &CKPT_KIND, &want, r->cfg->steps, &pos,
+                                     &text, &ml, err);
+    if (rc) return rc;
+    r->step = pos.step;
+    r->tokens = pos.tokens;
+    r->elapsed_before = pos.elapsed;
+    r->opt_a->t = r->opt_p->t = pos.adam_t;
+    r->loss.total = kvp_trainutil_meta_double(text, ml, "loss");
+    r->loss.base = kvp_trainutil_meta_double(text, ml, "loss_base");
+    r->loss.aux = kvp_trainutil_meta_double(text, ml, "loss_aux");
+    r->loss.kv = kvp_trainutil_meta_double(text, ml, "loss_kv");
+    r->have_before = kvp_trainutil_meta_u64(text, ml, "have_before") != 0;
+    if (r->have_before) meta_get_eval(text, ml, "before", &r->before);
+    r->have_val = kvp_trainutil_meta_u64(text, ml, "have_val") != 0;
+    if (r->have_val) meta_get_eval(text, ml, "val", &r->val);
     const uint64_t na = (uint64_t)r->aux->n_params * sizeof(float),
                    np = (uint64_t)r->p->n_params * sizeof(float);
     rc = kvp_ckpt_get(ck, "rng", r->rng.s, sizeof r->rng.s, err);
@@ -609,52 +508,24 @@ static void log_val(FILE *log, const kvp_kvptrain_eval_t *e) {
 }
 
 static int check_config(const run_t *r, kvp_err_t *err) {
-    const kvp_trainer_config_t *cfg = r->cfg;
-    if (cfg->batch <= 0 || cfg->ctx <= 1 || cfg->accum <= 0 || cfg->steps <= 0)
-        return kvp_err_set(err, KVP_EINVAL,
-                           "KV-prediction training: batch %d, context %d, accumulation %d and "
-                           "steps %d must be positive (context at least 2)",
-                           cfg->batch, cfg->ctx, cfg->accum, cfg->steps);
-    if (!(cfg->lr > 0) || !(cfg->min_lr >= 0) || cfg->min_lr > cfg->lr)
-        return kvp_err_set(err, KVP_EINVAL,
-                           "KV-prediction training: learning rates must satisfy 0 <= min_lr <= "
-                           "lr, lr > 0 (lr %g, min_lr %g)",
-                           cfg->lr, cfg->min_lr);
+    static const char who[] = "KV-prediction training";
+    int rc = kvp_trainutil_check_config(r->cfg, who, err);
+    if (rc) return rc;
     if (!(r->w->base_w >= 0) || !(r->w->aux_w >= 0) || !(r->w->kv_w >= 0) || !(r->w->zloss >= 0))
         return kvp_err_set(err, KVP_EINVAL,
-                           "KV-prediction training: loss weights must be >= 0 (base %g, aux %g, "
-                           "kv %g, z %g)",
+                           "%s: loss weights must be >= 0 (base %g, aux %g, kv %g, z %g)", who,
                            r->w->base_w, r->w->aux_w, r->w->kv_w, r->w->zloss);
-    if ((cfg->resume || cfg->ckpt_every > 0) && !cfg->ckpt_path)
-        return kvp_err_set(err, KVP_EINVAL,
-                           "KV-prediction training: checkpoints asked for without a path");
-    int rc = kvp_kvptrain_check(r->aux, r->base, r->p, err);
-    if (rc) return rc;
-    const kvp_corpus_stream_t *tr = kvp_corpus_stream(r->c, KVP_SPLIT_TRAIN);
-    if (tr->n <= (size_t)cfg->ctx)
-        return kvp_err_set(err, KVP_EINVAL,
-                           "KV-prediction training: the train split has %zu tokens, fewer than "
-                           "one window of %d+1",
-                           tr->n, cfg->ctx);
-    for (size_t i = 0; i < tr->n; i++)
-        if (tr->tok[i] < 0 || tr->tok[i] >= r->aux->cfg.n_vocab)
-            return kvp_err_set(err, KVP_ERANGE,
-                               "KV-prediction training: token %d in the train stream is outside "
-                               "the models' vocabulary of %d",
-                               (int)tr->tok[i], r->aux->cfg.n_vocab);
-    return KVP_OK;
+    rc = kvp_kvptrain_check(r->aux, r->base, r->p, err);
+    if (!rc)
+        rc = kvp_trainutil_check_train_stream(r->c, r->cfg->ctx, r->aux->cfg.n_vocab, who,
+                                              "models'", err);
+    return rc;
 }
 
 /* Weight decay off for the aux model's norm weights (as kvp_trainer) and the
  * predictor's biases. */
 static void set_decay_masks(run_t *r) {
-    const kvp_model_t *m = r->aux;
-    const size_t E = (size_t)m->cfg.n_embd;
-    kvp_adamw_set_decay(r->opt_a, (size_t)(m->output_norm - m->params), E, false);
-    for (int l = 0; l < m->cfg.n_layer; l++) {
-        kvp_adamw_set_decay(r->opt_a, (size_t)(m->layers[l].attn_norm - m->params), E, false);
-        kvp_adamw_set_decay(r->opt_a, (size_t)(m->layers[l].ffn_norm - m->params), E, false);
-    }
+    kvp_trainutil_no_decay_norms(r->opt_a, r->aux);
     const kvp_predictor_t *p = r->p;
     for (int l = 0; l < p->base.n_layer; l++) {
         kvp_adamw_set_decay(r->opt_p, (size_t)(p->layers[l].k_b - p->params), (size_t)p->d_out,
@@ -695,7 +566,7 @@ int kvp_kvptrain_run(kvp_model_t *aux, const kvp_model_t *base, kvp_predictor_t 
     const kvp_corpus_stream_t *val = kvp_corpus_stream(c, KVP_SPLIT_VAL);
     const bool can_eval = val->n >= 2;
     const double train_tok_per_byte = train->bytes ? (double)train->n / (double)train->bytes : 1.0;
-    r.warmup = cfg->warmup >= 0 ? cfg->warmup : cfg->steps / 20;
+    r.warmup = kvp_trainutil_warmup(cfg);
     kvp_rng_seed(&r.rng, cfg->seed);
     kvp_model_fingerprint(aux, r.aux_start);
     kvp_model_fingerprint(base, r.base_fp);
@@ -719,14 +590,8 @@ int kvp_kvptrain_run(kvp_model_t *aux, const kvp_model_t *base, kvp_predictor_t 
     }
     r.t0 = kvp_now();
     if (!rc) rc = kvp_kvptrain_ctx_new(&x, aux, base, p, B, T, w, err);
-    if (!rc && cfg->log_path &&
-        !(log = kvp_trainutil_log_open(cfg->log_path, CSV_HEADER, res->resumed, r.step, err)))
-        rc = err ? err->code : KVP_EIO;
-    if (!rc && cfg->progress)
-        r.prog = kvp_progress_new(cfg->progress, cfg->progress_tty, cfg->progress_interval);
-    if (!rc && res->resumed)
-        kvp_progress_message(r.prog, "resumed from %s at step %d of %d", cfg->ckpt_path, r.step,
-                             cfg->steps);
+    if (!rc)
+        rc = kvp_trainutil_session_open(cfg, CSV_HEADER, res->resumed, r.step, &log, &r.prog, err);
     /* where the run starts from: the base on the predicted cache before training */
     if (!rc && can_eval && r.step == 0 && !r.have_before) {
         rc =
@@ -751,10 +616,7 @@ int kvp_kvptrain_run(kvp_model_t *aux, const kvp_model_t *base, kvp_predictor_t 
     const double t_train0 = kvp_now();
     bool stopped = false;
     while (!rc && r.step < cfg->steps) {
-        if ((cfg->stop_after > 0 && r.step >= cfg->stop_after) ||
-            (cfg->stop_flag && *cfg->stop_flag) ||
-            (cfg->time_limit_s > 0 && r.step > start_step &&
-             kvp_now() - r.t0 >= cfg->time_limit_s)) {
+        if (kvp_trainutil_should_stop(cfg, r.step, start_step, r.t0)) {
             stopped = true;
             break;
         }
@@ -786,17 +648,16 @@ int kvp_kvptrain_run(kvp_model_t *aux, const kvp_model_t *base, kvp_predictor_t 
         r.step++;
         r.tokens += BT * (uint64_t)cfg->accum;
 
-        bool last = r.step == cfg->steps, new_val = false;
-        if (can_eval && (last || (cfg->eval_every > 0 && r.step % cfg->eval_every == 0))) {
-            uint64_t cap = (uint64_t)(last ? cfg->final_eval_tokens : cfg->eval_tokens);
+        bool new_val = false;
+        uint64_t cap;
+        if (can_eval && kvp_trainutil_eval_due(cfg, r.step, &cap)) {
             rc = evaluate(x, val, tb, cap, tokens, targets, &r.val, err);
             if (rc) break;
             r.have_val = new_val = true;
         }
         double session = kvp_now() - r.t0, trained = kvp_now() - t_train0;
-        double tps = trained > 0 ? (double)(r.step - start_step) * BT * cfg->accum / trained : 0;
-        double eta =
-            r.step > start_step ? trained / (r.step - start_step) * (cfg->steps - r.step) : -1.0;
+        double tps = kvp_trainutil_tok_per_s(r.step - start_step, BT, cfg->accum, trained);
+        double eta = kvp_trainutil_eta(r.step - start_step, cfg->steps - r.step, trained);
         double base_bpb = r.loss.base / LN2 * train_tok_per_byte;
         if (log) {
             fprintf(log, "%d,%" PRIu64 ",%.6g,%.6f,%.6f,%.6f,%.6f,%.6g,", r.step, r.tokens, lr,
@@ -816,13 +677,11 @@ int kvp_kvptrain_run(kvp_model_t *aux, const kvp_model_t *base, kvp_predictor_t 
                                   .eta_s = eta,
                                   .new_val = new_val};
         kvp_progress_update(r.prog, &pi);
-        if (!last && cfg->ckpt_path && cfg->ckpt_every > 0 && r.step % cfg->ckpt_every == 0)
-            rc = save_ckpt(&r, err);
+        if (kvp_trainutil_ckpt_due(cfg, r.step)) rc = save_ckpt(&r, err);
     }
+    /* a checkpoint at the end, or where the run stopped */
     if (!rc && cfg->ckpt_path && (r.step > start_step || stopped)) rc = save_ckpt(&r, err);
-    if (!rc && stopped)
-        kvp_progress_message(r.prog, "stopped at step %d of %d; checkpoint %s", r.step, cfg->steps,
-                             cfg->ckpt_path ? cfg->ckpt_path : "(none)");
+    if (!rc && stopped) kvp_trainutil_stopped_message(r.prog, cfg, r.step);
 
     double session = kvp_now() - r.t0, trained = kvp_now() - t_train0;
     res->step = r.step;
@@ -833,7 +692,7 @@ int kvp_kvptrain_run(kvp_model_t *aux, const kvp_model_t *base, kvp_predictor_t 
     res->have_val = r.have_val;
     res->val = r.val;
     res->tokens = r.tokens;
-    res->tok_per_s = trained > 0 ? (double)(r.step - start_step) * BT * cfg->accum / trained : 0.0;
+    res->tok_per_s = kvp_trainutil_tok_per_s(r.step - start_step, BT, cfg->accum, trained);
     res->elapsed_s = r.elapsed_before + session;
 
     kvp_progress_free(&r.prog);

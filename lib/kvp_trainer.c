@@ -1,10 +1,8 @@
 #include "kvp_trainer.h"
 #include "kvp_trainutil.h"
 
-#include <errno.h>
 #include <inttypes.h>
 #include <math.h>
-#include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -15,7 +13,7 @@
 #include "kvp_time.h"
 #include "kvp_train.h"
 
-#define LN2 0.69314718055994530942
+#define LN2 KVP_TRAINUTIL_LN2
 #define CSV_HEADER "step,tokens,lr,loss,train_bpb,grad_norm,val_loss,val_bpb,tok_per_s,elapsed_s"
 
 void kvp_trainer_config_default(kvp_trainer_config_t *c) {
@@ -66,47 +64,25 @@ static int evaluate(kvp_train_ctx_t *tc, const kvp_corpus_stream_t *s, const uin
                     int n_vocab, int B, int T, uint64_t max_tokens, int32_t *tokens,
                     int32_t *targets, kvp_eval_t *out, kvp_err_t *err) {
     memset(out, 0, sizeof *out);
-    size_t n_win = kvp_corpus_n_windows(s, T);
-    if (n_win == 0)
-        return kvp_err_set(err, KVP_EINVAL, "evaluation: the validation split is empty");
-    size_t k = n_win;
-    if (max_tokens > 0 && (max_tokens + (uint64_t)T - 1) / (uint64_t)T < k)
-        k = (size_t)((max_tokens + (uint64_t)T - 1) / (uint64_t)T);
-    int32_t pad = s->tok[0];
+    kvp_trainutil_windows_t w;
+    int rc = kvp_trainutil_windows_init(&w, s, T, max_tokens, err);
+    if (rc) return rc;
     double nats = 0.0;
-    for (size_t j0 = 0; j0 < k; j0 += (size_t)B) {
-        uint64_t scored = 0;
-        for (int b = 0; b < B; b++) {
-            int32_t *tk = tokens + (size_t)b * T, *tg = targets + (size_t)b * T;
-            size_t j = j0 + (size_t)b;
-            if (j < k) {
-                /* window j of k spread evenly over the n_win there are */
-                size_t w = (size_t)((unsigned __int128)j * n_win / k);
-                kvp_corpus_window(s, w, T, pad, tk, tg);
-            } else {
-                for (int t = 0; t < T; t++)
-                    tk[t] = pad, tg[t] = -1;
-            }
-            for (int t = 0; t < T; t++)
-                if (tg[t] >= 0) {
-                    if (tg[t] >= n_vocab)
-                        return kvp_err_set(err, KVP_ERANGE,
-                                           "evaluation: token %d is outside the model's "
-                                           "vocabulary of %d",
-                                           (int)tg[t], n_vocab);
-                    scored++;
-                    out->bytes += tb[tg[t]];
-                }
-        }
-        if (!scored) continue;
-        float loss;
-        int rc = kvp_train_forward(tc, tokens, targets, &loss, err);
+    uint64_t n_tok = 0, n_bytes = 0;
+    for (size_t j0 = 0; j0 < w.k; j0 += (size_t)B) {
+        kvp_trainutil_batch_t b;
+        rc =
+            kvp_trainutil_windows_fill(&w, j0, B, tb, n_vocab, "model's", tokens, targets, &b, err);
         if (rc) return rc;
-        nats += (double)loss * (double)scored;
-        out->tokens += scored;
+        n_bytes += b.bytes;
+        if (!b.scored) continue;
+        float loss;
+        rc = kvp_train_forward(tc, tokens, targets, &loss, err);
+        if (rc) return rc;
+        nats += (double)loss * (double)b.scored;
+        n_tok += b.scored;
     }
-    out->loss = out->tokens ? nats / (double)out->tokens : NAN;
-    out->bpb = out->bytes ? nats / LN2 / (double)out->bytes : NAN;
+    kvp_trainutil_eval_set(out, nats, n_tok, n_bytes);
     return 0;
 }
 
@@ -132,37 +108,19 @@ int kvp_trainer_evaluate(const kvp_model_t *m, const kvp_corpus_stream_t *s,
 }
 
 /* ---- checkpoint metadata ---------------------------------------------------
- * A text section of key=value lines. Keys in the first group describe where
- * the run is; the second group are the settings that decide the weights,
- * which a resumed run must share. Floats are printed with enough digits to
- * read back exactly. */
+ * A text section of key=value lines (kvp_trainutil). Keys in the first group
+ * describe where the run is; the second group are the settings that decide
+ * the weights, which a resumed run must share. */
+
+static const kvp_trainutil_ckpt_kind_t CKPT_KIND = {
+    .format = "kvpred-trainer 1", .name = "trainer", .same = "settings and corpus"};
 
 /* The settings a resumed run must share with the checkpoint. */
 static void meta_settings(kvp_trainutil_meta_t *mt, const kvp_model_t *m, const kvp_corpus_t *c,
                           const kvp_trainer_config_t *cfg, int warmup) {
-    const kvp_model_config_t *mc = &m->cfg;
-    kvp_trainutil_meta_add(mt, "n_params", "%zu", m->n_params);
-    kvp_trainutil_meta_add(
-        mt, "model",
-        "vocab %d embd %d layers %d heads %d kv_heads %d head_dim %d ffn %d rope_dim %d "
-        "rope_base %.9g norm_eps %.9g tied %d",
-        mc->n_vocab, mc->n_embd, mc->n_layer, mc->n_head, mc->n_kv_head, mc->head_dim, mc->n_ff,
-        mc->rope_dim, mc->rope_base, mc->norm_eps, (int)mc->tied_output);
-    kvp_trainutil_meta_add(mt, "batch", "%d", cfg->batch);
-    kvp_trainutil_meta_add(mt, "ctx", "%d", cfg->ctx);
-    kvp_trainutil_meta_add(mt, "accum", "%d", cfg->accum);
-    kvp_trainutil_meta_add(mt, "steps", "%d", cfg->steps);
-    kvp_trainutil_meta_add(mt, "warmup", "%d", warmup);
-    kvp_trainutil_meta_add(mt, "lr", "%.9g", cfg->lr);
-    kvp_trainutil_meta_add(mt, "min_lr", "%.9g", cfg->min_lr);
-    kvp_trainutil_meta_add(mt, "beta1", "%.9g", cfg->adamw.beta1);
-    kvp_trainutil_meta_add(mt, "beta2", "%.9g", cfg->adamw.beta2);
-    kvp_trainutil_meta_add(mt, "eps", "%.9g", cfg->adamw.eps);
-    kvp_trainutil_meta_add(mt, "weight_decay", "%.9g", cfg->adamw.weight_decay);
-    kvp_trainutil_meta_add(mt, "clip", "%.9g", cfg->clip);
-    kvp_trainutil_meta_add(mt, "seed", "%" PRIu64, cfg->seed);
-    kvp_trainutil_meta_add(mt, "corpus", "%016" PRIx64 " (%zu files)", kvp_corpus_fingerprint(c),
-                           kvp_corpus_n_files(c));
+    kvp_trainutil_meta_add_model(mt, "", m);
+    kvp_trainutil_meta_add_schedule(mt, cfg, warmup);
+    kvp_trainutil_meta_add_corpus(mt, c);
 }
 
 /* ---- the run ------------------------------------------------------------- */
@@ -187,11 +145,11 @@ typedef struct run {
 static int save_ckpt(run_t *r, kvp_err_t *err) {
     const kvp_trainer_config_t *cfg = r->cfg;
     kvp_trainutil_meta_t mt = {.n = 0};
-    kvp_trainutil_meta_add(&mt, "format", "kvpred-trainer 1");
-    kvp_trainutil_meta_add(&mt, "step", "%d", r->step);
-    kvp_trainutil_meta_add(&mt, "tokens", "%" PRIu64, r->tokens);
-    kvp_trainutil_meta_add(&mt, "elapsed", "%.17g", r->elapsed_before + (kvp_now() - r->t0));
-    kvp_trainutil_meta_add(&mt, "adam_t", "%" PRId64, r->opt->t);
+    const kvp_trainutil_pos_t pos = {.step = r->step,
+                                     .tokens = r->tokens,
+                                     .elapsed = r->elapsed_before + (kvp_now() - r->t0),
+                                     .adam_t = r->opt->t};
+    kvp_trainutil_meta_add_pos(&mt, CKPT_KIND.format, &pos);
     kvp_trainutil_meta_add(&mt, "loss", "%.17g", r->loss);
     kvp_trainutil_meta_add(&mt, "val_loss", "%.17g", r->val_loss);
     kvp_trainutil_meta_add(&mt, "val_bpb", "%.17g", r->val_bpb);
@@ -206,66 +164,23 @@ static int save_ckpt(run_t *r, kvp_err_t *err) {
 }
 
 static int load_ckpt(run_t *r, kvp_err_t *err) {
-    const char *path = r->cfg->ckpt_path;
-    kvp_ckpt_t *ck = NULL;
-    int rc = kvp_ckpt_read(&ck, path, err);
-    if (rc) return rc;
-    uint64_t ml = 0;
-    const char *text = kvp_ckpt_find(ck, "meta", &ml);
-    char fmt[64], val[512];
-    if (!text || !kvp_trainutil_meta_get(text, (size_t)ml, "format", fmt, sizeof fmt) ||
-        strcmp(fmt, "kvpred-trainer 1")) {
-        kvp_ckpt_free(&ck);
-        return kvp_err_set(err, KVP_EFORMAT, "checkpoint %s: not a kvpred trainer checkpoint",
-                           path);
-    }
-    /* every setting that decides the weights must be the same */
     kvp_trainutil_meta_t want = {.n = 0};
     meta_settings(&want, r->m, r->c, r->cfg, r->warmup);
-    for (char *line = want.buf; *line;) {
-        char *nl = strchr(line, '\n');
-        *nl = 0;
-        char *eq = strchr(line, '=');
-        *eq = 0;
-        if (!kvp_trainutil_meta_get(text, (size_t)ml, line, val, sizeof val) ||
-            strcmp(val, eq + 1)) {
-            rc = kvp_err_set(err, KVP_ESHAPE,
-                             "checkpoint %s was written with %s=%s, this run has %s=%s: resume "
-                             "with the same settings and corpus, or start afresh",
-                             path, line,
-                             kvp_trainutil_meta_get(text, (size_t)ml, line, val, sizeof val) ? val
-                                                                                             : "?",
-                             line, eq + 1);
-            kvp_ckpt_free(&ck);
-            return rc;
-        }
-        line = nl + 1;
-    }
-    char v[4][64];
-    if (!kvp_trainutil_meta_get(text, (size_t)ml, "step", v[0], sizeof v[0]) ||
-        !kvp_trainutil_meta_get(text, (size_t)ml, "tokens", v[1], sizeof v[1]) ||
-        !kvp_trainutil_meta_get(text, (size_t)ml, "elapsed", v[2], sizeof v[2]) ||
-        !kvp_trainutil_meta_get(text, (size_t)ml, "adam_t", v[3], sizeof v[3])) {
-        kvp_ckpt_free(&ck);
-        return kvp_err_set(err, KVP_EFORMAT, "checkpoint %s: metadata incomplete", path);
-    }
-    r->step = atoi(v[0]);
-    r->tokens = strtoull(v[1], NULL, 10);
-    r->elapsed_before = strtod(v[2], NULL);
-    r->opt->t = strtoll(v[3], NULL, 10);
-    if (kvp_trainutil_meta_get(text, (size_t)ml, "loss", val, sizeof val))
-        r->loss = strtod(val, NULL);
-    if (kvp_trainutil_meta_get(text, (size_t)ml, "val_loss", val, sizeof val))
-        r->val_loss = strtod(val, NULL);
-    if (kvp_trainutil_meta_get(text, (size_t)ml, "val_bpb", val, sizeof val))
-        r->val_bpb = strtod(val, NULL);
-    if (kvp_trainutil_meta_get(text, (size_t)ml, "val_tokens", val, sizeof val))
-        r->val_tokens = strtoull(val, NULL, 10);
-    if (r->step < 0 || r->step > r->cfg->steps) {
-        kvp_ckpt_free(&ck);
-        return kvp_err_set(err, KVP_EFORMAT, "checkpoint %s: step %d outside [0, %d]", path,
-                           r->step, r->cfg->steps);
-    }
+    kvp_ckpt_t *ck = NULL;
+    kvp_trainutil_pos_t pos;
+    const char *text;
+    size_t ml;
+    int rc = kvp_trainutil_ckpt_open(&ck, r->cfg->ckpt_path, &CKPT_KIND, &want, r->cfg->steps, &pos,
+                                     &text, &ml, err);
+    if (rc) return rc;
+    r->step = pos.step;
+    r->tokens = pos.tokens;
+    r->elapsed_before = pos.elapsed;
+    r->opt->t = pos.adam_t;
+    r->loss = kvp_trainutil_meta_double(text, ml, "loss");
+    r->val_loss = kvp_trainutil_meta_double(text, ml, "val_loss");
+    r->val_bpb = kvp_trainutil_meta_double(text, ml, "val_bpb");
+    r->val_tokens = kvp_trainutil_meta_u64(text, ml, "val_tokens");
     uint64_t nb = (uint64_t)r->m->n_params * sizeof(float);
     rc = kvp_ckpt_get(ck, "rng", r->rng.s, sizeof r->rng.s, err);
     if (!rc) rc = kvp_ckpt_get(ck, "params", r->m->params, nb, err);
@@ -275,42 +190,15 @@ static int load_ckpt(run_t *r, kvp_err_t *err) {
     return rc;
 }
 
-/* ---- the CSV log ----------------------------------------------------------- */
-
 /* ---- the loop -------------------------------------------------------------- */
 
 static int check_config(const kvp_model_t *m, const kvp_corpus_t *c,
                         const kvp_trainer_config_t *cfg, kvp_err_t *err) {
-    if (cfg->batch <= 0 || cfg->ctx <= 1 || cfg->accum <= 0 || cfg->steps <= 0)
-        return kvp_err_set(err, KVP_EINVAL,
-                           "trainer: batch %d, context %d, accumulation %d and steps %d must be "
-                           "positive (context at least 2)",
-                           cfg->batch, cfg->ctx, cfg->accum, cfg->steps);
-    if (!(cfg->lr > 0) || !(cfg->min_lr >= 0) || cfg->min_lr > cfg->lr)
-        return kvp_err_set(err, KVP_EINVAL,
-                           "trainer: learning rates must satisfy 0 <= min_lr <= lr, lr > 0 (lr "
-                           "%g, min_lr %g)",
-                           cfg->lr, cfg->min_lr);
-    if ((cfg->resume || cfg->ckpt_every > 0) && !cfg->ckpt_path)
-        return kvp_err_set(err, KVP_EINVAL, "trainer: checkpoints asked for without a path");
-    const kvp_corpus_stream_t *tr = kvp_corpus_stream(c, KVP_SPLIT_TRAIN);
-    if (tr->n <= (size_t)cfg->ctx)
-        return kvp_err_set(err, KVP_EINVAL,
-                           "trainer: the train split has %zu tokens, fewer than one window of "
-                           "%d+1 (%zu of %zu files are in it)",
-                           tr->n, cfg->ctx, kvp_corpus_split_files(c, KVP_SPLIT_TRAIN),
-                           kvp_corpus_n_files(c));
-    for (size_t i = 0; i < tr->n; i++)
-        if (tr->tok[i] < 0 || tr->tok[i] >= m->cfg.n_vocab)
-            return kvp_err_set(err, KVP_ERANGE,
-                               "trainer: token %d in the train stream is outside the model's "
-                               "vocabulary of %d",
-                               (int)tr->tok[i], m->cfg.n_vocab);
-    return 0;
-}
-
-static void no_decay(kvp_adamw_t *o, const kvp_model_t *m, const float *p, size_t n) {
-    kvp_adamw_set_decay(o, (size_t)(p - m->params), n, false);
+    int rc = kvp_trainutil_check_config(cfg, "trainer", err);
+    if (!rc)
+        rc = kvp_trainutil_check_train_stream(c, cfg->ctx, m->cfg.n_vocab, "trainer", "model's",
+                                              err);
+    return rc;
 }
 
 int kvp_trainer_run(kvp_model_t *m, const kvp_corpus_t *c, const kvp_trainer_config_t *cfg,
@@ -328,7 +216,7 @@ int kvp_trainer_run(kvp_model_t *m, const kvp_corpus_t *c, const kvp_trainer_con
     const double train_tok_per_byte = train->bytes ? (double)train->n / (double)train->bytes : 1.0;
 
     run_t r = {.m = m, .c = c, .cfg = cfg, .loss = NAN, .val_loss = NAN, .val_bpb = NAN};
-    r.warmup = cfg->warmup >= 0 ? cfg->warmup : cfg->steps / 20;
+    r.warmup = kvp_trainutil_warmup(cfg);
     kvp_rng_seed(&r.rng, cfg->seed);
 
     kvp_train_ctx_t *tc = NULL;
@@ -339,35 +227,20 @@ int kvp_trainer_run(kvp_model_t *m, const kvp_corpus_t *c, const kvp_trainer_con
     if (!grads || !tokens || !targets || !tb)
         rc = kvp_err_set(err, KVP_ENOMEM, "trainer: out of memory");
     if (!rc) rc = kvp_adamw_new(&r.opt, n, &cfg->adamw, err);
-    if (!rc) {
-        no_decay(r.opt, m, m->output_norm, (size_t)m->cfg.n_embd);
-        for (int l = 0; l < m->cfg.n_layer; l++) {
-            no_decay(r.opt, m, m->layers[l].attn_norm, (size_t)m->cfg.n_embd);
-            no_decay(r.opt, m, m->layers[l].ffn_norm, (size_t)m->cfg.n_embd);
-        }
-    }
+    if (!rc) kvp_trainutil_no_decay_norms(r.opt, m);
     if (!rc && cfg->resume && access(cfg->ckpt_path, F_OK) == 0) {
         rc = load_ckpt(&r, err);
         res->resumed = rc == 0;
     }
     r.t0 = kvp_now();
     if (!rc) rc = kvp_train_ctx_new(&tc, m, B, T, err);
-    if (!rc && cfg->log_path &&
-        !(log = kvp_trainutil_log_open(cfg->log_path, CSV_HEADER, res->resumed, r.step, err)))
-        rc = err ? err->code : KVP_EIO;
-    if (!rc && cfg->progress)
-        r.prog = kvp_progress_new(cfg->progress, cfg->progress_tty, cfg->progress_interval);
-    if (!rc && res->resumed)
-        kvp_progress_message(r.prog, "resumed from %s at step %d of %d", cfg->ckpt_path, r.step,
-                             cfg->steps);
+    if (!rc)
+        rc = kvp_trainutil_session_open(cfg, CSV_HEADER, res->resumed, r.step, &log, &r.prog, err);
 
     const int start_step = r.step;
     bool stopped = false;
     while (!rc && r.step < cfg->steps) {
-        if ((cfg->stop_after > 0 && r.step >= cfg->stop_after) ||
-            (cfg->stop_flag && *cfg->stop_flag) ||
-            (cfg->time_limit_s > 0 && r.step > start_step &&
-             kvp_now() - r.t0 >= cfg->time_limit_s)) {
+        if (kvp_trainutil_should_stop(cfg, r.step, start_step, r.t0)) {
             stopped = true;
             break;
         }
@@ -395,11 +268,10 @@ int kvp_trainer_run(kvp_model_t *m, const kvp_corpus_t *c, const kvp_trainer_con
         r.step++;
         r.tokens += BT * (uint64_t)cfg->accum;
 
-        bool last = r.step == cfg->steps;
         bool new_val = false;
-        if (can_eval && (last || (cfg->eval_every > 0 && r.step % cfg->eval_every == 0))) {
+        uint64_t cap;
+        if (can_eval && kvp_trainutil_eval_due(cfg, r.step, &cap)) {
             kvp_eval_t ev;
-            uint64_t cap = (uint64_t)(last ? cfg->final_eval_tokens : cfg->eval_tokens);
             rc = evaluate(tc, val, tb, m->cfg.n_vocab, B, T, cap, tokens, targets, &ev, err);
             if (rc) break;
             r.val_loss = ev.loss;
@@ -408,9 +280,8 @@ int kvp_trainer_run(kvp_model_t *m, const kvp_corpus_t *c, const kvp_trainer_con
             new_val = true;
         }
         double session = kvp_now() - r.t0;
-        double tps = session > 0 ? (double)(r.step - start_step) * BT * cfg->accum / session : 0;
-        double eta =
-            (r.step > start_step) ? session / (r.step - start_step) * (cfg->steps - r.step) : -1.0;
+        double tps = kvp_trainutil_tok_per_s(r.step - start_step, BT, cfg->accum, session);
+        double eta = kvp_trainutil_eta(r.step - start_step, cfg->steps - r.step, session);
         double loss_bpb = loss / LN2 * train_tok_per_byte;
         if (log) {
             fprintf(log, "%d,%" PRIu64 ",%.6g,%.6f,%.6f,%.6g,", r.step, r.tokens, lr, loss,
@@ -430,14 +301,11 @@ int kvp_trainer_run(kvp_model_t *m, const kvp_corpus_t *c, const kvp_trainer_con
                                   .eta_s = eta,
                                   .new_val = new_val};
         kvp_progress_update(r.prog, &pi);
-        if (!last && cfg->ckpt_path && cfg->ckpt_every > 0 && r.step % cfg->ckpt_every == 0)
-            rc = save_ckpt(&r, err);
+        if (kvp_trainutil_ckpt_due(cfg, r.step)) rc = save_ckpt(&r, err);
     }
     /* a checkpoint at the end, or where the run stopped */
     if (!rc && cfg->ckpt_path && (r.step > start_step || stopped)) rc = save_ckpt(&r, err);
-    if (!rc && stopped)
-        kvp_progress_message(r.prog, "stopped at step %d of %d; checkpoint %s", r.step, cfg->steps,
-                             cfg->ckpt_path ? cfg->ckpt_path : "(none)");
+    if (!rc && stopped) kvp_trainutil_stopped_message(r.prog, cfg, r.step);
 
     double session = kvp_now() - r.t0;
     res->step = r.step;
@@ -448,7 +316,7 @@ int kvp_trainer_run(kvp_model_t *m, const kvp_corpus_t *c, const kvp_trainer_con
     res->val_bpb = r.val_bpb;
     res->val_tokens = r.val_tokens;
     res->tokens = r.tokens;
-    res->tok_per_s = session > 0 ? (double)(r.step - start_step) * BT * cfg->accum / session : 0.0;
+    res->tok_per_s = kvp_trainutil_tok_per_s(r.step - start_step, BT, cfg->accum, session);
     res->elapsed_s = r.elapsed_before + session;
 
     kvp_progress_free(&r.prog);

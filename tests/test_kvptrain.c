@@ -46,12 +46,11 @@
 #include "kvp_train.h"
 #include "kvp_trainer.h"
 
-extern char **environ;
+#include "kvp_test_util.h"
 
 enum { B_ = 2, T_ = 8 };
 
-static char g_dir[1024];    /* scratch */
-static char g_corpus[1100]; /* synthetic corpus */
+static kvp_test_scratch_t g_s; /* scratch directory and synthetic corpus */
 
 /* ---- tiny models --------------------------------------------------------- */
 
@@ -84,20 +83,7 @@ static kvp_model_config_t base_cfg(int n_vocab) {
 }
 
 static kvp_model_t *make_model(kvp_model_config_t cfg, uint64_t seed, float std) {
-    kvp_model_t *m = NULL;
-    kvp_err_t err = {0};
-    if (kvp_model_new_random(&m, &cfg, seed, std, &err))
-        fail_msg("kvp_model_new_random: %s", err.msg);
-    kvp_rng_t r;
-    kvp_rng_seed(&r, seed + 1);
-    for (int i = 0; i < m->cfg.n_embd; i++) {
-        m->output_norm[i] = 0.5f + kvp_rng_uniform(&r);
-        for (int l = 0; l < m->cfg.n_layer; l++) {
-            m->layers[l].attn_norm[i] = 0.5f + kvp_rng_uniform(&r);
-            m->layers[l].ffn_norm[i] = 0.5f + kvp_rng_uniform(&r);
-        }
-    }
-    return m;
+    return kvp_test_model(cfg, seed, std);
 }
 
 static kvp_model_t *copy_model(const kvp_model_t *m) {
@@ -135,39 +121,6 @@ static void make_batch(int32_t *tok, int32_t *tgt, int n, int n_vocab, uint64_t 
         tok[i] = (int32_t)kvp_rng_below(&r, (uint64_t)n_vocab);
         tgt[i] = i % 5 == 4 ? -1 : (int32_t)kvp_rng_below(&r, (uint64_t)n_vocab);
     }
-}
-
-typedef struct {
-    char name[32];
-    float *p;
-    size_t n;
-} tensor_t;
-
-static int model_tensors(const kvp_model_t *m, tensor_t *ts) {
-    const kvp_model_config_t *c = &m->cfg;
-    size_t E = c->n_embd, nq = (size_t)c->n_head * c->head_dim,
-           nkv = (size_t)c->n_kv_head * c->head_dim, F = c->n_ff, V = c->n_vocab;
-    int n = 0;
-    ts[n++] = (tensor_t){"tok_embd", m->tok_embd, V * E};
-    if (!c->tied_output) ts[n++] = (tensor_t){"output", m->output, V * E};
-    ts[n++] = (tensor_t){"output_norm", m->output_norm, E};
-    for (int l = 0; l < c->n_layer; l++) {
-        const kvp_layer_t *L = &m->layers[l];
-        const struct {
-            const char *s;
-            float *p;
-            size_t n;
-        } k[] = {
-            {"attn_norm", L->attn_norm, E}, {"wq", L->wq, nq * E},    {"wk", L->wk, nkv * E},
-            {"wv", L->wv, nkv * E},         {"wo", L->wo, E * nq},    {"ffn_norm", L->ffn_norm, E},
-            {"w_gate", L->w_gate, F * E},   {"w_up", L->w_up, F * E}, {"w_down", L->w_down, E * F}};
-        for (size_t i = 0; i < sizeof k / sizeof k[0]; i++) {
-            snprintf(ts[n].name, sizeof ts[n].name, "%d.%s", l, k[i].s);
-            ts[n].p = k[i].p;
-            ts[n++].n = k[i].n;
-        }
-    }
-    return n;
 }
 
 static bool close_enough(double g, double fd, double rel, double abs_tol) {
@@ -233,8 +186,8 @@ static void check_kv_grad_input(bool external_on_1, uint64_t seed) {
         assert_int_equal(kvp_train_backward(ctx, NULL, scale, &err), 0);
         assert_memory_equal(kvp_train_kv_grad_k(ctx, 1), dk, sizeof(float) * nkv_n);
     }
-    tensor_t ts[64];
-    int nt = model_tensors(m, ts), bad = 0, checked = 0;
+    kvp_test_tensor_t ts[64];
+    int nt = kvp_test_model_tensors(m, ts), bad = 0, checked = 0;
     const float eps = 3e-3f; /* float noise ~2e-5, curvature error ~1e-5 here */
     for (int t = 0; t < nt; t++)
         for (int s = 0; s < 8; s++) {
@@ -375,8 +328,8 @@ static void test_joint_gradient_matches_finite_differences(void **state) {
             print_error("predictor param %zu: backward %.7g, numeric %.7g\n", i, g, fd);
     }
     /* ~8 entries of each aux tensor */
-    tensor_t ts[64];
-    int nt = model_tensors(aux, ts), checked = 0;
+    kvp_test_tensor_t ts[64];
+    int nt = kvp_test_model_tensors(aux, ts), checked = 0;
     kvp_rng_t r;
     kvp_rng_seed(&r, 204);
     for (int t = 0; t < nt; t++)
@@ -456,58 +409,23 @@ static void test_identity_predictor_on_a_copy_of_the_base_is_exact(void **state)
 
 /* ---- a synthetic corpus and byte-level models ---------------------------------- */
 
-/* 40 small "Python" files with a regular structure (as tests/test_trainer.c). */
-static void write_corpus(void) {
-    char cmd[2400];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s'", g_corpus, g_corpus);
-    if (system(cmd)) fail_msg("cannot make %s", g_corpus);
-    for (int f = 0; f < 40; f++) {
-        char p[1300];
-        snprintf(p, sizeof p, "%s/mod_%02d.py", g_corpus, f);
-        FILE *o = fopen(p, "w");
-        if (!o) fail_msg("cannot write %s: %s", p, strerror(errno));
-        fprintf(o, "\"\"\"Module %d.\"\"\"\n\nimport os\n\n", f);
-        for (int i = 0; i < 12; i++)
-            fprintf(o, "def func_%d_%d(x, y):\n    return x * %d + y - %d\n\n", f, i, i, f);
-        fclose(o);
-    }
-}
-
 static int setup(void **state) {
     (void)state;
-    const char *base = getenv("KVP_TEST_TMP");
-    snprintf(g_dir, sizeof g_dir, "%s/kvptrain-%ld", base ? base : "/tmp", (long)getpid());
-    snprintf(g_corpus, sizeof g_corpus, "%s/corpus", g_dir);
-    write_corpus();
+    kvp_test_scratch_init(&g_s, "kvptrain");
     return 0;
 }
 
 static int teardown(void **state) {
     (void)state;
-    char cmd[1200];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    return system(cmd) ? -1 : 0;
+    return kvp_test_scratch_remove(&g_s);
 }
 
-/* A path in the scratch directory (one of 32 rotating buffers). */
 static const char *path_in(const char *name) {
-    static char buf[32][1200];
-    static int k;
-    char *p = buf[k++ % 32];
-    snprintf(p, sizeof buf[0], "%s/%s", g_dir, name);
-    return p;
+    return kvp_test_path(&g_s, name);
 }
 
 static kvp_corpus_t *load_corpus(void) {
-    kvp_corpus_t *c = NULL;
-    kvp_err_t err = {0};
-    const char *paths[] = {g_corpus};
-    kvp_corpus_opts_t o = {.ext = ".py", .holdout_pct = 10};
-    if (kvp_corpus_new(&c, paths, 1, &o, &err) ||
-        kvp_corpus_tokenize(c, KVP_SPLIT_TRAIN, NULL, &err) ||
-        kvp_corpus_tokenize(c, KVP_SPLIT_VAL, NULL, &err))
-        fail_msg("corpus: %s", err.msg);
-    return c;
+    return kvp_test_load_corpus(g_s.corpus);
 }
 
 static kvp_trainer_config_t tiny_train(int steps) {
@@ -688,14 +606,8 @@ static void test_stop_and_resume_is_bit_identical(void **state) {
     assert_int_equal(r.tokens, 12 * 2 * 4 * 32);
     assert_memory_equal(a->params, ra->params, sizeof(float) * a->n_params);
     assert_memory_equal(pp->params, rp->params, sizeof(float) * pp->n_params);
-    FILE *f = fopen(t.log_path, "r");
-    assert_non_null(f);
-    char line[1024];
-    int rows = 0;
-    while (fgets(line, sizeof line, f))
-        rows++;
-    fclose(f);
-    assert_int_equal(rows, 1 + 1 + 12); /* header, the evaluation before, 12 steps */
+    /* header, the evaluation before, 12 steps */
+    assert_int_equal(kvp_test_count_lines(t.log_path), 1 + 1 + 12);
 
     /* resuming with other settings, or from another start, is refused */
     kvp_model_free(&a);
@@ -819,7 +731,7 @@ static pid_t spawn_kvp(const char *errfile, const char *const *extra) {
     const char *argv[64] = {getenv("KVPRED"),
                             "train-kvp",
                             "--corpus",
-                            g_corpus,
+                            g_s.corpus,
                             "--ext",
                             ".py",
                             "--holdout",
@@ -845,51 +757,19 @@ static pid_t spawn_kvp(const char *errfile, const char *const *extra) {
     for (int i = 0; extra[i]; i++)
         argv[n++] = extra[i];
     argv[n] = NULL;
-    pid_t pid;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
-    posix_spawn_file_actions_addopen(&fa, 2, errfile ? errfile : "/dev/null",
-                                     O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    int rc = posix_spawn(&pid, argv[0], &fa, NULL, (char *const *)argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    if (rc) fail_msg("cannot start %s: %s", argv[0], strerror(rc));
-    return pid;
-}
-
-static int wait_for(pid_t pid) {
-    int st;
-    while (waitpid(pid, &st, 0) < 0)
-        if (errno != EINTR) fail_msg("waitpid: %s", strerror(errno));
-    return st;
-}
-
-static int ckpt_step(const char *ckpt) {
-    kvp_ckpt_t *ck = NULL;
-    uint64_t n = 0;
-    const char *meta;
-    int step = -1;
-    if (!kvp_ckpt_read(&ck, ckpt, NULL) && (meta = kvp_ckpt_find(ck, "meta", &n))) {
-        const char *s = strstr(meta, "\nstep=");
-        step = s ? atoi(s + 6) : -1;
-    }
-    kvp_ckpt_free(&ck);
-    return step;
+    return kvp_test_spawn(argv, errfile ? errfile : "/dev/null");
 }
 
 static void test_killed_process_resumes_bit_identical(void **state) {
     (void)state;
-    if (!getenv("KVPRED")) {
-        print_message("skipped: KVPRED (the kvpred binary) is not set\n");
-        skip();
-    }
+    kvp_test_need_kvpred();
     write_model_files();
     char aux[1200], base[1200];
     snprintf(aux, sizeof aux, "%s", path_in("aux.gguf"));
     snprintf(base, sizeof base, "%s", path_in("base.gguf"));
     const char *ref[] = {"--aux",        aux, "--base", base,           "--steps", "120",
                          "--ckpt-every", "1", "-o",     path_in("ref"), NULL};
-    int st = wait_for(spawn_kvp(NULL, ref));
+    int st = kvp_test_wait(spawn_kvp(NULL, ref));
     assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
 
     const char *out = path_in("kill"), *ckpt = path_in("kill.ckpt");
@@ -897,16 +777,16 @@ static void test_killed_process_resumes_bit_identical(void **state) {
                          "--ckpt-every", "1", "-o",     out,  NULL};
     pid_t pid = spawn_kvp(NULL, run);
     struct timespec ts = {0, 2000000};
-    for (int waited = 0; waited < 20000 && ckpt_step(ckpt) < 5; waited++)
+    for (int waited = 0; waited < 20000 && kvp_test_ckpt_step(ckpt) < 5; waited++)
         nanosleep(&ts, NULL);
     kill(pid, SIGKILL);
-    st = wait_for(pid);
+    st = kvp_test_wait(pid);
     assert_true(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
     assert_int_equal(access(path_in("kill-aux.gguf"), F_OK), -1); /* it never finished */
 
     const char *resume[] = {"--aux",        aux, "--base", base, "--steps",  "120",
                             "--ckpt-every", "1", "-o",     out,  "--resume", NULL};
-    st = wait_for(spawn_kvp(NULL, resume));
+    st = kvp_test_wait(spawn_kvp(NULL, resume));
     assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
     kvp_model_t *a = NULL, *b = NULL;
     kvp_predictor_t *pa = NULL, *pb = NULL;
@@ -928,37 +808,26 @@ static void test_killed_process_resumes_bit_identical(void **state) {
     const char *wrong_pair[] = {
         "--aux",   aux, "--base", base,           "--init", path_in("ref-predictor.gguf"),
         "--steps", "2", "-o",     path_in("bad"), NULL};
-    st = wait_for(spawn_kvp(errf, wrong_pair));
+    st = kvp_test_wait(spawn_kvp(errf, wrong_pair));
     assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 1);
-    char msg[2048] = {0};
-    FILE *f = fopen(errf, "r");
-    assert_non_null(f);
-    size_t n = fread(msg, 1, sizeof msg - 1, f);
-    fclose(f);
-    msg[n] = 0;
+    char msg[2048];
+    kvp_test_read_text(errf, msg, sizeof msg);
     assert_non_null(strstr(msg, "aux_fingerprint"));
     assert_non_null(strstr(msg, "--init"));
 }
 
 static void expect_refusal(const char *const *args, const char *needle) {
     const char *errf = path_in("stderr.txt");
-    int st = wait_for(spawn_kvp(errf, args));
+    int st = kvp_test_wait(spawn_kvp(errf, args));
     assert_true(WIFEXITED(st) && WEXITSTATUS(st) != 0);
-    char msg[2048] = {0};
-    FILE *f = fopen(errf, "r");
-    assert_non_null(f);
-    size_t n = fread(msg, 1, sizeof msg - 1, f);
-    fclose(f);
-    msg[n] = 0;
+    char msg[2048];
+    kvp_test_read_text(errf, msg, sizeof msg);
     if (!strstr(msg, needle)) fail_msg("expected '%s' in: %s", needle, msg);
 }
 
 static void test_command_refuses_bad_inputs(void **state) {
     (void)state;
-    if (!getenv("KVPRED")) {
-        print_message("skipped: KVPRED (the kvpred binary) is not set\n");
-        skip();
-    }
+    kvp_test_need_kvpred();
     if (access(path_in("aux.gguf"), F_OK)) write_model_files();
     char aux[1200], base[1200];
     snprintf(aux, sizeof aux, "%s", path_in("aux.gguf"));

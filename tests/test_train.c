@@ -22,6 +22,8 @@
 #include "kvp_rng.h"
 #include "kvp_train.h"
 
+#include "kvp_test_util.h"
+
 enum { B_ = 2, T_ = 7 };
 
 /* vocab 37, d 16, 2 layers, 4 heads over 2 kv heads of 4, ffn 24 */
@@ -40,21 +42,8 @@ static kvp_model_config_t tiny_cfg(int rope_dim, bool tied) {
 }
 
 static kvp_model_t *make_model(kvp_model_config_t cfg, uint64_t seed) {
-    kvp_model_t *m = NULL;
-    kvp_err_t err = {0};
     /* std 0.3: attention far from uniform, activations far from zero */
-    if (kvp_model_new_random(&m, &cfg, seed, 0.3f, &err))
-        fail_msg("kvp_model_new_random: %s", err.msg);
-    kvp_rng_t r;
-    kvp_rng_seed(&r, seed + 1);
-    for (int i = 0; i < m->cfg.n_embd; i++) {
-        m->output_norm[i] = 0.5f + kvp_rng_uniform(&r);
-        for (int l = 0; l < m->cfg.n_layer; l++) {
-            m->layers[l].attn_norm[i] = 0.5f + kvp_rng_uniform(&r);
-            m->layers[l].ffn_norm[i] = 0.5f + kvp_rng_uniform(&r);
-        }
-    }
-    return m;
+    return kvp_test_model(cfg, seed, 0.3f);
 }
 
 /* tokens and targets [n]; every fifth target (and target 3) is -1 */
@@ -89,41 +78,6 @@ static float *train_grads(kvp_train_ctx_t *ctx, const kvp_model_t *m, const int3
     train_loss(ctx, tok, tgt);
     if (kvp_train_backward(ctx, g, scale, &err)) fail_msg("kvp_train_backward: %s", err.msg);
     return g;
-}
-
-/* ---- the parameter tensors, by kind ------------------------------------- */
-
-typedef struct {
-    char name[32];
-    float *p;
-    size_t n;
-} tensor_t;
-
-static int model_tensors(const kvp_model_t *m, tensor_t *ts) {
-    const kvp_model_config_t *c = &m->cfg;
-    size_t E = c->n_embd, nq = (size_t)c->n_head * c->head_dim,
-           nkv = (size_t)c->n_kv_head * c->head_dim, F = c->n_ff, V = c->n_vocab;
-    int n = 0;
-    ts[n++] = (tensor_t){"tok_embd", m->tok_embd, V * E};
-    if (!c->tied_output) ts[n++] = (tensor_t){"output", m->output, V * E};
-    ts[n++] = (tensor_t){"output_norm", m->output_norm, E};
-    for (int l = 0; l < c->n_layer; l++) {
-        const kvp_layer_t *L = &m->layers[l];
-        const struct {
-            const char *s;
-            float *p;
-            size_t n;
-        } k[] = {
-            {"attn_norm", L->attn_norm, E}, {"wq", L->wq, nq * E},    {"wk", L->wk, nkv * E},
-            {"wv", L->wv, nkv * E},         {"wo", L->wo, E * nq},    {"ffn_norm", L->ffn_norm, E},
-            {"w_gate", L->w_gate, F * E},   {"w_up", L->w_up, F * E}, {"w_down", L->w_down, E * F}};
-        for (size_t i = 0; i < sizeof k / sizeof k[0]; i++) {
-            snprintf(ts[n].name, sizeof ts[n].name, "%d.%s", l, k[i].s);
-            ts[n].p = k[i].p;
-            ts[n++].n = k[i].n;
-        }
-    }
-    return n;
 }
 
 /* ---- a plain double-precision reference of the training loss ------------- */
@@ -393,8 +347,8 @@ static void check_all_grads_double(kvp_model_config_t cfg, float z, uint64_t see
     ref_t r = {.m = m, .p = pd, .B = B_, .T = T_, .z = z};
     double lf = train_loss(ctx, tok, tgt), lr = ref_loss(&r, tok, tgt, NULL);
     assert_true(fabs(lf - lr) <= 1e-5 * fabs(lr));
-    tensor_t ts[64];
-    int nt = model_tensors(m, ts), bad = 0;
+    kvp_test_tensor_t ts[64];
+    int nt = kvp_test_model_tensors(m, ts), bad = 0;
     double *fd = malloc(sizeof(double) * m->n_params);
     for (int t = 0; t < nt; t++) {
         size_t off = (size_t)(ts[t].p - m->params);
@@ -444,8 +398,8 @@ static void check_sampled_grads_float(kvp_model_config_t cfg, float z, uint64_t 
     kvp_train_ctx_t *ctx = make_ctx(m, B_, T_);
     kvp_train_set_zloss(ctx, z);
     float *g = train_grads(ctx, m, tok, tgt, 1.0f);
-    tensor_t ts[64];
-    int nt = model_tensors(m, ts), bad = 0, checked = 0;
+    kvp_test_tensor_t ts[64];
+    int nt = kvp_test_model_tensors(m, ts), bad = 0, checked = 0;
     kvp_rng_t r;
     kvp_rng_seed(&r, seed + 9);
     const float eps = 1e-2f;
@@ -681,8 +635,8 @@ static void test_external_kv_model_gradients_match_finite_differences(void **sta
     ref_t ref = {.m = m, .p = pd, .B = B_, .T = T_};
     ref.ext_k[1] = to_double(ek, (size_t)N * nkv);
     ref.ext_v[1] = to_double(ev, (size_t)N * nkv);
-    tensor_t ts[64];
-    int nt = model_tensors(m, ts), bad = 0;
+    kvp_test_tensor_t ts[64];
+    int nt = kvp_test_model_tensors(m, ts), bad = 0;
     for (int t = 0; t < nt; t++) {
         size_t off = (size_t)(ts[t].p - m->params);
         double *fd = malloc(sizeof(double) * ts[t].n), tmax = 0;
@@ -753,8 +707,8 @@ static void test_long_sequences_over_several_attention_tiles(void **state) {
     ref.ext_k[1] = to_double(ek, (size_t)N * nkv);
     ref.ext_v[1] = to_double(ev, (size_t)N * nkv);
     assert_true(fabs(train_loss(ctx, tok, tgt) - ref_loss(&ref, tok, tgt, NULL)) < 1e-5);
-    tensor_t ts[64];
-    int nt = model_tensors(m, ts), bad = 0;
+    kvp_test_tensor_t ts[64];
+    int nt = kvp_test_model_tensors(m, ts), bad = 0;
     for (int t = 0; t < nt; t++)
         for (int s = 0; s < 3; s++) {
             size_t i = (ts[t].p - m->params) + (size_t)kvp_rng_below(&r, ts[t].n);

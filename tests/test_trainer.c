@@ -30,63 +30,27 @@
 #include "kvp_tokenizer.h"
 #include "kvp_trainer.h"
 
-extern char **environ;
+#include "kvp_test_util.h"
 
-static char g_dir[1024];    /* scratch */
-static char g_corpus[1100]; /* synthetic corpus */
-
-/* 40 small "Python" files with a regular structure, so that a tiny model can
- * learn a lot of it in a few dozen steps. */
-static void write_corpus(void) {
-    char cmd[2400];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s' && mkdir -p '%s'", g_corpus, g_corpus);
-    if (system(cmd)) fail_msg("cannot make %s", g_corpus);
-    for (int f = 0; f < 40; f++) {
-        char p[1300];
-        snprintf(p, sizeof p, "%s/mod_%02d.py", g_corpus, f);
-        FILE *o = fopen(p, "w");
-        if (!o) fail_msg("cannot write %s: %s", p, strerror(errno));
-        fprintf(o, "\"\"\"Module %d.\"\"\"\n\nimport os\n\n", f);
-        for (int i = 0; i < 12; i++)
-            fprintf(o, "def func_%d_%d(x, y):\n    return x * %d + y - %d\n\n", f, i, i, f);
-        fclose(o);
-    }
-}
+static kvp_test_scratch_t g_s; /* scratch directory and synthetic corpus */
 
 static int setup(void **state) {
     (void)state;
-    const char *base = getenv("KVP_TEST_TMP");
-    snprintf(g_dir, sizeof g_dir, "%s/trainer-%ld", base ? base : "/tmp", (long)getpid());
-    snprintf(g_corpus, sizeof g_corpus, "%s/corpus", g_dir);
-    write_corpus();
+    kvp_test_scratch_init(&g_s, "trainer");
     return 0;
 }
 
 static int teardown(void **state) {
     (void)state;
-    char cmd[1200];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
-    return system(cmd) ? -1 : 0;
+    return kvp_test_scratch_remove(&g_s);
 }
 
 static const char *path_in(const char *name) {
-    static char buf[8][1200];
-    static int k;
-    char *p = buf[k++ % 8];
-    snprintf(p, sizeof buf[0], "%s/%s", g_dir, name);
-    return p;
+    return kvp_test_path(&g_s, name);
 }
 
 static kvp_corpus_t *load_corpus(void) {
-    kvp_corpus_t *c = NULL;
-    kvp_err_t err = {0};
-    const char *paths[] = {g_corpus};
-    kvp_corpus_opts_t o = {.ext = ".py", .holdout_pct = 10};
-    if (kvp_corpus_new(&c, paths, 1, &o, &err) ||
-        kvp_corpus_tokenize(c, KVP_SPLIT_TRAIN, NULL, &err) ||
-        kvp_corpus_tokenize(c, KVP_SPLIT_VAL, NULL, &err))
-        fail_msg("corpus: %s", err.msg);
-    return c;
+    return kvp_test_load_corpus(g_s.corpus);
 }
 
 static kvp_model_config_t tiny_cfg(void) {
@@ -208,14 +172,7 @@ static void test_stop_and_resume_is_bit_identical(void **state) {
     assert_memory_equal(m->params, ref->params, m->n_params * sizeof(float));
 
     /* the log holds each step once */
-    FILE *f = fopen(t.log_path, "r");
-    assert_non_null(f);
-    char line[512];
-    int rows = 0;
-    while (fgets(line, sizeof line, f))
-        rows++;
-    fclose(f);
-    assert_int_equal(rows, 1 + 12);
+    assert_int_equal(kvp_test_count_lines(t.log_path), 1 + 12);
     kvp_model_free(&m);
     kvp_model_free(&ref);
     kvp_corpus_free(&c);
@@ -303,13 +260,12 @@ static void test_output_gguf_loads_with_vocabulary_and_record(void **state) {
 /* ---- a real kill ------------------------------------------------------------ */
 
 static pid_t spawn_train(const char *out, const char *ckpt, bool resume, int ckpt_every) {
-    const char *kvpred = getenv("KVPRED");
     char every[16];
     snprintf(every, sizeof every, "%d", ckpt_every);
-    const char *argv[] = {kvpred,
+    const char *argv[] = {getenv("KVPRED"),
                           "train",
                           "--corpus",
-                          g_corpus,
+                          g_s.corpus,
                           "--ext",
                           ".py",
                           "--holdout",
@@ -345,21 +301,7 @@ static pid_t spawn_train(const char *out, const char *ckpt, bool resume, int ckp
                           out,
                           resume ? "--resume" : NULL,
                           NULL};
-    pid_t pid;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", 1 /* O_WRONLY */, 0);
-    int rc = posix_spawn(&pid, kvpred, &fa, NULL, (char *const *)argv, environ);
-    posix_spawn_file_actions_destroy(&fa);
-    if (rc) fail_msg("cannot start %s: %s", kvpred, strerror(rc));
-    return pid;
-}
-
-static int wait_for(pid_t pid) {
-    int st;
-    while (waitpid(pid, &st, 0) < 0)
-        if (errno != EINTR) fail_msg("waitpid: %s", strerror(errno));
-    return st;
+    return kvp_test_spawn(argv, NULL);
 }
 
 static kvp_model_t *load(const char *path) {
@@ -371,12 +313,9 @@ static kvp_model_t *load(const char *path) {
 
 static void test_killed_process_resumes_bit_identical(void **state) {
     (void)state;
-    if (!getenv("KVPRED")) {
-        print_message("skipped: KVPRED (the kvpred binary) is not set\n");
-        skip();
-    }
+    kvp_test_need_kvpred();
     const char *ref_out = path_in("kill-ref.gguf"), *ref_ckpt = path_in("kill-ref.ckpt");
-    int st = wait_for(spawn_train(ref_out, ref_ckpt, false, 1));
+    int st = kvp_test_wait(spawn_train(ref_out, ref_ckpt, false, 1));
     assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
 
     const char *out = path_in("kill.gguf"), *ckpt = path_in("kill.ckpt");
@@ -384,29 +323,14 @@ static void test_killed_process_resumes_bit_identical(void **state) {
     pid_t pid = spawn_train(out, ckpt, false, 1);
     /* kill it once a few checkpoints exist, mid-run */
     struct timespec ts = {0, 2000000};
-    int waited = 0;
-    for (; waited < 10000; waited++) {
-        struct stat sb;
-        if (stat(ckpt, &sb) == 0) {
-            kvp_ckpt_t *ck = NULL;
-            uint64_t n = 0;
-            const char *meta;
-            int step = 0;
-            if (!kvp_ckpt_read(&ck, ckpt, NULL) && (meta = kvp_ckpt_find(ck, "meta", &n))) {
-                const char *s = strstr(meta, "step=");
-                step = s ? atoi(s + 5) : 0;
-            }
-            kvp_ckpt_free(&ck);
-            if (step >= 5) break;
-        }
+    for (int waited = 0; waited < 10000 && kvp_test_ckpt_step(ckpt) < 5; waited++)
         nanosleep(&ts, NULL);
-    }
     kill(pid, SIGKILL);
-    st = wait_for(pid);
+    st = kvp_test_wait(pid);
     assert_true(WIFSIGNALED(st) && WTERMSIG(st) == SIGKILL);
     assert_int_equal(access(out, F_OK), -1); /* it never finished */
 
-    st = wait_for(spawn_train(out, ckpt, true, 1));
+    st = kvp_test_wait(spawn_train(out, ckpt, true, 1));
     assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
     kvp_model_t *a = load(ref_out), *b = load(out);
     assert_int_equal(a->n_params, b->n_params);
