@@ -21,8 +21,9 @@
 #include "kvp_tokenizer.h"
 
 typedef struct {
-    int prompt, decode, reps;
-    const char *types, *json, *dir;
+    kvp_bench_opts_t b; /* --reps, --small, --json */
+    int prompt, decode;
+    const char *types, *dir;
     kvp_model_config_t cfg;
 } opts_t;
 
@@ -70,20 +71,6 @@ static double read_bandwidth(size_t bytes, int reps) {
     }
     free(a);
     return (double)bytes / best / 1e9;
-}
-
-static int parse_type(const char *s, kvp_ggml_type_t *t) {
-    if (!strcmp(s, "f32"))
-        *t = KVP_GGML_F32;
-    else if (!strcmp(s, "f16"))
-        *t = KVP_GGML_F16;
-    else if (!strcmp(s, "bf16"))
-        *t = KVP_GGML_BF16;
-    else if (!strcmp(s, "q8_0"))
-        *t = KVP_GGML_Q8_0;
-    else
-        return -1;
-    return 0;
 }
 
 static int write_model(const kvp_model_t *m, kvp_ggml_type_t type, const char *path,
@@ -134,7 +121,7 @@ static int run_one(const opts_t *o, const char *path, result_t *res, kvp_err_t *
     for (int i = 0; i < cap; i++)
         toks[i] = (int32_t)kvp_rng_below(&r, (uint64_t)m->cfg.n_vocab);
     double best = 1e30;
-    for (int rep = 0; rep < o->reps + 1; rep++) {
+    for (int rep = 0; rep < o->b.reps + 1; rep++) {
         cache->len = 0;
         double t = kvp_now();
         if ((rc = kvp_model_forward(ctx, cache, toks, o->prompt, logits, KVP_LOGITS_LAST, err)))
@@ -160,70 +147,56 @@ done:
     return rc;
 }
 
+/* bench engine's own options: the prompt and decode lengths, the weight
+ * types and where their files go. */
+static int own_opt(void *own, int code, const char *arg) {
+    opts_t *o = own;
+    switch (code) {
+    case 'p':
+        o->prompt = atoi(arg);
+        return 0;
+    case 'n':
+        o->decode = atoi(arg);
+        return 0;
+    case 't':
+        o->types = arg;
+        return 0;
+    case 'd':
+        o->dir = arg;
+        return 0;
+    default:
+        return -1;
+    }
+}
+
 static int parse_args(int argc, char **argv, opts_t *o) {
     static const struct option lo[] = {{"prompt", required_argument, 0, 'p'},
                                        {"decode", required_argument, 0, 'n'},
-                                       {"reps", required_argument, 0, 'r'},
+                                       {"reps", required_argument, 0, KVP_BENCH_OPT_REPS},
                                        {"types", required_argument, 0, 't'},
                                        {"dir", required_argument, 0, 'd'},
-                                       {"json", required_argument, 0, 'j'},
-                                       {"small", no_argument, 0, 's'},
+                                       {"json", required_argument, 0, KVP_BENCH_OPT_JSON},
+                                       {"small", no_argument, 0, KVP_BENCH_OPT_SMALL},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
-    *o = (opts_t){.prompt = 512,
+    *o = (opts_t){.b = {.reps = 3},
+                  .prompt = 512,
                   .decode = 64,
-                  .reps = 3,
                   .types = "f32,f16,bf16",
                   .dir = "/tmp/kvpred-bench",
-                  .cfg = {.n_vocab = 32000,
-                          .n_embd = 768,
-                          .n_layer = 12,
-                          .n_head = 12,
-                          .n_kv_head = 12,
-                          .n_ff = 2048,
-                          .n_ctx_train = 4096,
-                          .tied_output = true}};
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
-        switch (c) {
-        case 'p':
-            o->prompt = atoi(optarg);
-            break;
-        case 'n':
-            o->decode = atoi(optarg);
-            break;
-        case 'r':
-            o->reps = atoi(optarg);
-            break;
-        case 't':
-            o->types = optarg;
-            break;
-        case 'd':
-            o->dir = optarg;
-            break;
-        case 'j':
-            o->json = optarg;
-            break;
-        case 's':
-            o->cfg = (kvp_model_config_t){.n_vocab = 512,
-                                          .n_embd = 64,
-                                          .n_layer = 2,
-                                          .n_head = 4,
-                                          .n_kv_head = 2,
-                                          .n_ff = 128,
-                                          .n_ctx_train = 1024,
-                                          .tied_output = true};
-            break;
-        case 'h':
-            usage(stdout);
-            return 1;
-        default:
-            usage(stderr);
-            return 2;
-        }
-    }
-    if (o->prompt < 1 || o->decode < 1 || o->reps < 1) {
+                  .cfg = kvp_bench_config_110m()};
+    int rc = kvp_bench_parse(argc, argv, lo, &o->b, own_opt, o, usage);
+    if (rc) return rc;
+    if (o->b.small)
+        o->cfg = (kvp_model_config_t){.n_vocab = 512,
+                                      .n_embd = 64,
+                                      .n_layer = 2,
+                                      .n_head = 4,
+                                      .n_kv_head = 2,
+                                      .n_ff = 128,
+                                      .n_ctx_train = 1024,
+                                      .tied_output = true};
+    if (o->prompt < 1 || o->decode < 1 || o->b.reps < 1) {
         fprintf(stderr, "kvpred bench engine: --prompt, --decode and --reps must be >= 1\n");
         return 2;
     }
@@ -237,9 +210,7 @@ int kvp_bench_engine(int argc, char **argv) {
     kvp_err_t err = {0};
     mkdir(o.dir, 0755);
 
-    printf("OpenBLAS kernels: %s%s, %d threads\n", kvp_blas_corename(),
-           kvp_blas_was_switched() ? " (auto-selected by kvpred)" : "", kvp_blas_threads());
-    double ref = kvp_bench_sgemm_gflops(512, 2048, 2048, 5);
+    double ref = kvp_bench_blas_ref();
     double mix = kvp_bench_sgemm_gflops(o.prompt, 3 * o.cfg.n_embd, o.cfg.n_embd, 5);
     printf("sgemm 512x2048x2048: %.1f GFLOP/s   (%dx%dx%d, the QKV shape: %.1f GFLOP/s)\n", ref,
            o.prompt, 3 * o.cfg.n_embd, o.cfg.n_embd, mix);
@@ -267,7 +238,7 @@ int kvp_bench_engine(int argc, char **argv) {
     for (char *save = NULL, *tok = strtok_r(types, ",", &save); tok && n_res < 4;
          tok = strtok_r(NULL, ",", &save)) {
         kvp_ggml_type_t t;
-        if (parse_type(tok, &t)) {
+        if (kvp_bench_parse_type(tok, &t)) {
             fprintf(stderr, "kvpred bench engine: unknown type '%s' (f32, f16, bf16, q8_0)\n", tok);
             rc = 2;
             break;
@@ -311,16 +282,9 @@ int kvp_bench_engine(int argc, char **argv) {
         }
     }
 
-    if (o.json) {
-        FILE *f = fopen(o.json, "w");
-        if (!f) {
-            fprintf(stderr, "kvpred bench engine: cannot write %s\n", o.json);
-            return 1;
-        }
+    if (o.b.json) {
         kvp_json_t j;
-        kvp_json_begin(&j, f);
-        kvp_json_str(&j, "bench", "engine");
-        kvp_json_str(&j, "blas_core", kvp_blas_corename());
+        if (!kvp_bench_json_open(&j, o.b.json, "engine", "kvpred bench engine")) return 1;
         kvp_json_int(&j, "blas_threads", kvp_blas_threads());
         kvp_json_num(&j, "sgemm_gflops", ref);
         kvp_json_num(&j, "sgemm_qkv_gflops", mix);
@@ -345,8 +309,7 @@ int kvp_bench_engine(int argc, char **argv) {
             kvp_json_close_obj(&j);
         }
         kvp_json_close_arr(&j);
-        kvp_json_end(&j);
-        fclose(f);
+        kvp_bench_json_close(&j);
     }
     return 0;
 }

@@ -48,19 +48,18 @@
 #include "kvp_time.h"
 #include "kvpred.pb-c.h"
 
-#define MAX_LIST 16
+#define MAX_LIST KVP_BENCH_MAX_LIST
 
 typedef struct {
-    const char *aux, *base, *predictor, *json;
-    int reps, port, dtype, small, quick, verbose;
-    int procs;              /* stages as forked processes (default) or threads */
-    int credits;            /* the decoder's credits per request (0: its default, 4) */
-    int tail;               /* aux-prefill's halving tail in tokens (0: its default, -1: off) */
-    int threads[3];         /* OpenBLAS threads per stage; 0: the library's default */
-    const char *cpus[3];    /* CPU list per stage (processes only) */
+    kvp_bench_opts_t b; /* model files, --lens, --reps, --small, --json */
+    int port, dtype, quick, verbose;
+    int procs;           /* stages as forked processes (default) or threads */
+    int credits;         /* the decoder's credits per request (0: its default, 4) */
+    int tail;            /* aux-prefill's halving tail in tokens (0: its default, -1: off) */
+    int threads[3];      /* OpenBLAS threads per stage; 0: the library's default */
+    const char *cpus[3]; /* CPU list per stage (processes only) */
     char cpus_buf[128];
-    int lens[MAX_LIST], n_lens;
-    int chunks[MAX_LIST], n_chunks;
+    int chunks[MAX_LIST], n_chunks, chunks_set;
 } opts_t;
 
 /* One message on one leg of the pipeline (aux -> predictor or predictor ->
@@ -120,27 +119,97 @@ static void usage(FILE *f) {
         "  --verbose: the stages' log lines on stderr.\n");
 }
 
-static int parse_list(const char *s, int *out, int max) {
-    char buf[256];
-    snprintf(buf, sizeof buf, "%s", s);
-    int n = 0;
-    for (char *sp = NULL, *t = strtok_r(buf, ",", &sp); t && n < max; t = strtok_r(NULL, ",", &sp))
-        out[n++] = atoi(t);
-    return n;
+/* How the stages run: processes or threads, their OpenBLAS threads and CPUs,
+ * the decoder's credits and aux-prefill's tail. */
+static int own_stage_opt(opts_t *o, int code, const char *arg) {
+    switch (code) {
+    case 'S':
+        if (strcmp(arg, "procs") && strcmp(arg, "threads")) {
+            fprintf(stderr, "kvpred bench handoff: --stages is procs or threads, not '%s'\n", arg);
+            return 2;
+        }
+        o->procs = !strcmp(arg, "procs");
+        return 0;
+    case 'T':
+        if (kvp_cpus_parse_threads3(arg, o->threads)) {
+            fprintf(stderr,
+                    "kvpred bench handoff: --stage-threads wants N or A,P,D with "
+                    "each in [1, 1024], not '%s'\n",
+                    arg);
+            return 2;
+        }
+        return 0;
+    case 'L':
+        o->tail = atoi(arg);
+        if (o->tail < -1 || o->tail == 0 || o->tail > 8192) {
+            fprintf(stderr, "kvpred bench handoff: --tail is -1 (off) or in [1, 8192]\n");
+            return 2;
+        }
+        return 0;
+    case 'K':
+        o->credits = atoi(arg);
+        if (o->credits < 1 || o->credits > 64) {
+            fprintf(stderr, "kvpred bench handoff: --credits is in [1, 64]\n");
+            return 2;
+        }
+        return 0;
+    case 'C':
+        if (kvp_cpus_parse_lists3(arg, o->cpus_buf, sizeof o->cpus_buf, o->cpus)) {
+            fprintf(stderr,
+                    "kvpred bench handoff: --stage-cpus wants a CPU list (0-1 or "
+                    "0,2) or three of them as LA/LP/LD, not '%s'\n",
+                    arg);
+            return 2;
+        }
+        return 0;
+    default:
+        return -1;
+    }
+}
+
+/* bench handoff's own options: the chunk sizes, the wire and how the stages
+ * run. */
+static int own_opt(void *own, int code, const char *arg) {
+    opts_t *o = own;
+    switch (code) {
+    case 'P':
+        o->port = atoi(arg);
+        return 0;
+    case 'c':
+        o->n_chunks = kvp_bench_parse_list(arg, o->chunks, MAX_LIST);
+        o->chunks_set = 1;
+        return 0;
+    case 'd':
+        if (!strcmp(arg, "f32"))
+            o->dtype = KVPRED__DTYPE__DTYPE_F32;
+        else if (!strcmp(arg, "f16"))
+            o->dtype = KVPRED__DTYPE__DTYPE_F16;
+        else {
+            fprintf(stderr, "kvpred bench handoff: --dtype is f32 or f16, not '%s'\n", arg);
+            return 2;
+        }
+        return 0;
+    case 'q':
+        o->quick = 1;
+        return 0;
+    case 'v':
+        o->verbose = 1;
+        return 0;
+    default:
+        return own_stage_opt(o, code, arg);
+    }
 }
 
 static int parse(int argc, char **argv, opts_t *o) {
-    static const struct option lo[] = {{"aux", required_argument, 0, 'a'},
-                                       {"base", required_argument, 0, 'b'},
-                                       {"predictor", required_argument, 0, 'p'},
-                                       {"lens", required_argument, 0, 'l'},
+    static const struct option lo[] = {KVP_BENCH_MODEL_LONGOPTS,
+                                       {"lens", required_argument, 0, KVP_BENCH_OPT_LENS},
                                        {"chunks", required_argument, 0, 'c'},
-                                       {"reps", required_argument, 0, 'r'},
+                                       {"reps", required_argument, 0, KVP_BENCH_OPT_REPS},
                                        {"dtype", required_argument, 0, 'd'},
                                        {"port", required_argument, 0, 'P'},
-                                       {"json", required_argument, 0, 'j'},
+                                       {"json", required_argument, 0, KVP_BENCH_OPT_JSON},
                                        {"quick", no_argument, 0, 'q'},
-                                       {"small", no_argument, 0, 's'},
+                                       {"small", no_argument, 0, KVP_BENCH_OPT_SMALL},
                                        {"verbose", no_argument, 0, 'v'},
                                        {"stages", required_argument, 0, 'S'},
                                        {"stage-threads", required_argument, 0, 'T'},
@@ -149,130 +218,30 @@ static int parse(int argc, char **argv, opts_t *o) {
                                        {"tail", required_argument, 0, 'L'},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
-    *o = (opts_t){.reps = 3,
+    *o = (opts_t){.b = {.reps = 3, .lens = {128, 512, 2048}, .n_lens = 3, .max_lens = MAX_LIST},
                   .dtype = KVPRED__DTYPE__DTYPE_F32,
-                  .lens = {128, 512, 2048},
-                  .n_lens = 3,
                   .chunks = {64, 128, 256, 512},
                   .n_chunks = 4,
                   .procs = 1};
-    int set_lens = 0, set_chunks = 0, set_reps = 0, c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
-        switch (c) {
-        case 'a':
-            o->aux = optarg;
-            break;
-        case 'b':
-            o->base = optarg;
-            break;
-        case 'p':
-            o->predictor = optarg;
-            break;
-        case 'j':
-            o->json = optarg;
-            break;
-        case 'r':
-            o->reps = atoi(optarg);
-            set_reps = 1;
-            break;
-        case 'P':
-            o->port = atoi(optarg);
-            break;
-        case 'l':
-            o->n_lens = parse_list(optarg, o->lens, MAX_LIST);
-            set_lens = 1;
-            break;
-        case 'c':
-            o->n_chunks = parse_list(optarg, o->chunks, MAX_LIST);
-            set_chunks = 1;
-            break;
-        case 'd':
-            if (!strcmp(optarg, "f32"))
-                o->dtype = KVPRED__DTYPE__DTYPE_F32;
-            else if (!strcmp(optarg, "f16"))
-                o->dtype = KVPRED__DTYPE__DTYPE_F16;
-            else {
-                fprintf(stderr, "kvpred bench handoff: --dtype is f32 or f16, not '%s'\n", optarg);
-                return 2;
-            }
-            break;
-        case 'q':
-            o->quick = 1;
-            break;
-        case 's':
-            o->small = 1;
-            break;
-        case 'v':
-            o->verbose = 1;
-            break;
-        case 'S':
-            if (strcmp(optarg, "procs") && strcmp(optarg, "threads")) {
-                fprintf(stderr, "kvpred bench handoff: --stages is procs or threads, not '%s'\n",
-                        optarg);
-                return 2;
-            }
-            o->procs = !strcmp(optarg, "procs");
-            break;
-        case 'T':
-            if (kvp_cpus_parse_threads3(optarg, o->threads)) {
-                fprintf(stderr, "kvpred bench handoff: --stage-threads wants N or A,P,D with "
-                                "each in [1, 1024], not '%s'\n",
-                        optarg);
-                return 2;
-            }
-            break;
-        case 'L':
-            o->tail = atoi(optarg);
-            if (o->tail < -1 || o->tail == 0 || o->tail > 8192) {
-                fprintf(stderr, "kvpred bench handoff: --tail is -1 (off) or in [1, 8192]\n");
-                return 2;
-            }
-            break;
-        case 'K':
-            o->credits = atoi(optarg);
-            if (o->credits < 1 || o->credits > 64) {
-                fprintf(stderr, "kvpred bench handoff: --credits is in [1, 64]\n");
-                return 2;
-            }
-            break;
-        case 'C':
-            if (kvp_cpus_parse_lists3(optarg, o->cpus_buf, sizeof o->cpus_buf, o->cpus)) {
-                fprintf(stderr, "kvpred bench handoff: --stage-cpus wants a CPU list (0-1 or "
-                                "0,2) or three of them as LA/LP/LD, not '%s'\n",
-                        optarg);
-                return 2;
-            }
-            break;
-        case 'h':
-            usage(stdout);
-            return 1;
-        default:
-            usage(stderr);
-            return 2;
-        }
-    }
+    int rc = kvp_bench_parse(argc, argv, lo, &o->b, own_opt, o, usage);
+    if (rc) return rc;
     if (optind < argc) {
         fprintf(stderr, "kvpred bench handoff: unexpected argument '%s'\n", argv[optind]);
         return 2;
     }
     if (o->quick) {
-        if (!set_lens) o->n_lens = parse_list("128,512", o->lens, MAX_LIST);
-        if (!set_chunks) o->n_chunks = parse_list("128", o->chunks, MAX_LIST);
-        if (!set_reps) o->reps = 1;
+        if (!o->b.lens_set) o->b.n_lens = kvp_bench_parse_list("128,512", o->b.lens, MAX_LIST);
+        if (!o->chunks_set) o->n_chunks = kvp_bench_parse_list("128", o->chunks, MAX_LIST);
+        if (!o->b.reps_set) o->b.reps = 1;
     }
-    for (int i = 0; i < o->n_lens; i++)
-        if (o->lens[i] < 2 || o->lens[i] > 1 << 16) {
-            fprintf(stderr, "kvpred bench handoff: prompt lengths must be in [2, 65536]\n");
-            return 2;
-        }
+    if (kvp_bench_check_lens(&o->b, "kvpred bench handoff")) return 2;
     for (int i = 0; i < o->n_chunks; i++)
         if (o->chunks[i] < 1 || o->chunks[i] > 8192) {
             fprintf(stderr, "kvpred bench handoff: chunk sizes must be in [1, 8192]\n");
             return 2;
         }
-    if (o->n_lens < 1 || o->n_chunks < 1 || o->reps < 1 || o->port < 0 || o->port > 65533 ||
-        (!o->aux != !o->base) || (!o->aux != !o->predictor) || (o->aux && o->small)) {
+    if (o->b.n_lens < 1 || o->n_chunks < 1 || o->b.reps < 1 || o->port < 0 || o->port > 65533 ||
+        kvp_bench_models_partial(&o->b) || (o->b.aux && o->b.small)) {
         fprintf(stderr, "kvpred bench handoff: give all of --aux, --base, --predictor or none "
                         "(and then not --small); --reps >= 1; --port in [1, 65533]\n");
         return 2;
@@ -586,7 +555,7 @@ static double best(const double *v, int n) {
 static int measure_row(const opts_t *o, const kvp_model_t *aux, const kvp_model_t *base,
                        const kvp_predictor_t *p, void *cl_ctx, const char *endpoint,
                        const int32_t *toks, int n, int chunk, int *tag, row_t *r, kvp_err_t *err) {
-    const int R = o->reps, nc = n_chunks_of(n, chunk);
+    const int R = o->b.reps, nc = n_chunks_of(n, chunk);
     const size_t elt = o->dtype == KVPRED__DTYPE__DTYPE_F16 ? 2 : 4;
     const size_t aux_row = (size_t)aux->cfg.n_kv_head * aux->cfg.head_dim * elt;
     const size_t base_row = (size_t)base->cfg.n_kv_head * base->cfg.head_dim * elt;
@@ -696,7 +665,7 @@ static int measure_base(const opts_t *o, const kvp_model_t *base, const int32_t 
     if (!rc) rc = kvp_model_ctx_new(&ctx, base, 512, n, err);
     if (!rc) rc = kvp_model_new_cache(base, n, &cache, err);
     *out = 1e30;
-    for (int rep = 0; !rc && rep <= o->reps; rep++) {
+    for (int rep = 0; !rc && rep <= o->b.reps; rep++) {
         cache->len = 0;
         settle();
         double t0 = kvp_now();
@@ -821,15 +790,8 @@ static void json_raw(kvp_json_t *j, const char *key, const raw_t *x) {
 static void write_json(const opts_t *o, const row_t *rows, int n_rows, const goal_t g[N_GOALS],
                        int longest, const kvp_model_t *aux, const kvp_model_t *base, long cores,
                        double load) {
-    FILE *f = fopen(o->json, "w");
-    if (!f) {
-        fprintf(stderr, "kvpred bench handoff: cannot write %s\n", o->json);
-        return;
-    }
     kvp_json_t j;
-    kvp_json_begin(&j, f);
-    kvp_json_str(&j, "bench", "handoff");
-    kvp_json_str(&j, "blas_core", kvp_blas_corename());
+    if (!kvp_bench_json_open(&j, o->b.json, "handoff", "kvpred bench handoff")) return;
     kvp_json_int(&j, "blas_threads", kvp_blas_threads());
     kvp_json_int(&j, "cores", cores);
     kvp_json_num(&j, "load_avg_1min", load);
@@ -847,8 +809,8 @@ static void write_json(const opts_t *o, const row_t *rows, int n_rows, const goa
         kvp_json_close_obj(&j);
     }
     kvp_json_str(&j, "dtype", o->dtype == KVPRED__DTYPE__DTYPE_F16 ? "f16" : "f32");
-    kvp_json_int(&j, "reps", o->reps);
-    kvp_json_str(&j, "weights", o->aux ? "files" : o->small ? "random-small" : "random");
+    kvp_json_int(&j, "reps", o->b.reps);
+    kvp_json_str(&j, "weights", o->b.aux ? "files" : o->b.small ? "random-small" : "random");
     kvp_json_int(&j, "aux_params", (long long)aux->n_params);
     kvp_json_int(&j, "base_params", (long long)base->n_params);
     kvp_json_arr(&j, "results");
@@ -905,8 +867,7 @@ static void write_json(const opts_t *o, const row_t *rows, int n_rows, const goa
         kvp_json_close_obj(&j);
     }
     kvp_json_close_obj(&j);
-    kvp_json_end(&j);
-    fclose(f);
+    kvp_bench_json_close(&j);
 }
 
 /* ---- the stages ------------------------------------------------------------ */
@@ -946,7 +907,7 @@ static void print_stages(const opts_t *o, const kvp_bench_stages_t *st, long cor
     }
     printf("tcp %s %s %s, K/V %s, best of %d\n", kvp_bench_stages_endpoint(st, 0),
            kvp_bench_stages_endpoint(st, 1), kvp_bench_stages_endpoint(st, 2),
-           o->dtype == KVPRED__DTYPE__DTYPE_F16 ? "f16" : "f32", o->reps);
+           o->dtype == KVPRED__DTYPE__DTYPE_F16 ? "f16" : "f32", o->b.reps);
 }
 
 int kvp_bench_handoff(int argc, char **argv) {
@@ -960,19 +921,21 @@ int kvp_bench_handoff(int argc, char **argv) {
     void *cl_ctx = NULL; /* the client's own ZeroMQ context */
     kvp_bench_stages_t *st = NULL;
     int n_rows = 0, tag = 0, longest = 0;
-    row_t *rows = calloc((size_t)o.n_lens * o.n_chunks, sizeof *rows);
+    row_t *rows = calloc((size_t)o.b.n_lens * o.n_chunks, sizeof *rows);
     int32_t *toks = NULL;
     long cores = sysconf(_SC_NPROCESSORS_ONLN);
     double load[1] = {0};
     if (getloadavg(load, 1) < 1) load[0] = -1;
     int rc = rows ? KVP_OK : kvp_err_set(&err, KVP_ENOMEM, "out of memory");
-    if (!rc) rc = kvp_bench_model_pair(o.aux, o.base, o.predictor, o.small, &aux, &base, &p, &err);
+    if (!rc)
+        rc = kvp_bench_model_pair(o.b.aux, o.b.base, o.b.predictor, o.b.small, &aux, &base, &p,
+                                  &err);
     if (!rc) rc = bytelevel_tokenizer(&tok, &err);
-    for (int i = 0; !rc && i < o.n_lens; i++) {
-        if (o.lens[i] > longest) longest = o.lens[i];
-        if (o.lens[i] > base->cfg.n_ctx_train || o.lens[i] > aux->cfg.n_ctx_train)
+    for (int i = 0; !rc && i < o.b.n_lens; i++) {
+        if (o.b.lens[i] > longest) longest = o.b.lens[i];
+        if (o.b.lens[i] > base->cfg.n_ctx_train || o.b.lens[i] > aux->cfg.n_ctx_train)
             rc = kvp_err_set(&err, KVP_EINVAL, "a %d-token prompt exceeds the models' context (%d)",
-                             o.lens[i], base->cfg.n_ctx_train);
+                             o.b.lens[i], base->cfg.n_ctx_train);
     }
     if (!rc) {
         toks = malloc(sizeof(int32_t) * (size_t)longest);
@@ -995,7 +958,7 @@ int kvp_bench_handoff(int argc, char **argv) {
                kvp_blas_threads());
         printf("base %.1fM params (%d layers, d %d), aux %.1fM params (%d layers, d %d)%s\n",
                base->n_params / 1e6, base->cfg.n_layer, base->cfg.n_embd, aux->n_params / 1e6,
-               aux->cfg.n_layer, aux->cfg.n_embd, o.aux ? "" : ", random weights");
+               aux->cfg.n_layer, aux->cfg.n_embd, o.b.aux ? "" : ", random weights");
         print_stages(&o, st, cores, load[0]);
         printf("handoff bound = one chunk's raw libzmq one-way time, aux and base legs, + 1 ms; "
                "wire and raw GB/s per leg as aux/base\n\n");
@@ -1005,12 +968,12 @@ int kvp_bench_handoff(int argc, char **argv) {
         printf("%6s %5s %8s %8s %6s %8s %8s %7s %11s %11s %9s %6s %6s %6s\n", "", "", "ms", "ms",
                "", "ms", "ms", "ms", "aux/base", "aux/base", "", "", "", "x");
     }
-    for (int i = 0; !rc && i < o.n_lens; i++) {
+    for (int i = 0; !rc && i < o.b.n_lens; i++) {
         double base_s = 0;
-        rc = measure_base(&o, base, toks, o.lens[i], &base_s, &err);
+        rc = measure_base(&o, base, toks, o.b.lens[i], &base_s, &err);
         for (int c = 0; !rc && c < o.n_chunks; c++) {
             row_t *r = &rows[n_rows];
-            rc = measure_row(&o, aux, base, p, cl_ctx, kvp_bench_stages_endpoint(st, KVP_BSTAGE_AUX), toks, o.lens[i], o.chunks[c], &tag,
+            rc = measure_row(&o, aux, base, p, cl_ctx, kvp_bench_stages_endpoint(st, KVP_BSTAGE_AUX), toks, o.b.lens[i], o.chunks[c], &tag,
                              r, &err);
             if (rc) break;
             r->base_s = base_s;
@@ -1030,7 +993,7 @@ int kvp_bench_handoff(int argc, char **argv) {
     }
     if (rc)
         fprintf(stderr, "kvpred bench handoff: %s\n", err.msg);
-    else if (o.json)
+    else if (o.b.json)
         write_json(&o, rows, n_rows, g, longest, aux, base, cores, load[0]);
     if (cl_ctx) zmq_ctx_term(cl_ctx);
     kvp_bench_stages_stop(&st);

@@ -18,11 +18,12 @@
 #include "kvp_rng.h"
 #include "kvp_time.h"
 
+#define MAX_LENS 8 /* rows of the table */
+
 typedef struct {
-    const char *aux, *base, *predictor, *json;
+    kvp_bench_opts_t b;    /* model files, --lens, --reps, --json */
     kvp_ggml_type_t dtype; /* of the base model's single-token step */
-    int reps, chunk;
-    int lens[8], n_lens;
+    int chunk;
 } opts_t;
 
 typedef struct {
@@ -42,77 +43,40 @@ static void usage(FILE *f) {
             "  does not already hold them in that type).\n");
 }
 
+/* bench kvp's own options: the base step's weight type and the chunk size. */
+static int own_opt(void *own, int code, const char *arg) {
+    opts_t *o = own;
+    switch (code) {
+    case 'c':
+        o->chunk = atoi(arg);
+        return 0;
+    case 'd':
+        if (kvp_bench_parse_type(arg, &o->dtype) || o->dtype == KVP_GGML_Q8_0) {
+            fprintf(stderr, "kvpred bench kvp: --dtype is f32, f16 or bf16, not '%s'\n", arg);
+            return 2;
+        }
+        return 0;
+    default:
+        return -1;
+    }
+}
+
 static int parse(int argc, char **argv, opts_t *o) {
-    static const struct option lo[] = {{"aux", required_argument, 0, 'a'},
-                                       {"base", required_argument, 0, 'b'},
-                                       {"predictor", required_argument, 0, 'p'},
-                                       {"lens", required_argument, 0, 'l'},
-                                       {"reps", required_argument, 0, 'r'},
+    static const struct option lo[] = {KVP_BENCH_MODEL_LONGOPTS,
+                                       {"lens", required_argument, 0, KVP_BENCH_OPT_LENS},
+                                       {"reps", required_argument, 0, KVP_BENCH_OPT_REPS},
                                        {"chunk", required_argument, 0, 'c'},
-                                       {"json", required_argument, 0, 'j'},
+                                       {"json", required_argument, 0, KVP_BENCH_OPT_JSON},
                                        {"dtype", required_argument, 0, 'd'},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
-    *o = (opts_t){
-        .reps = 3, .chunk = 512, .lens = {128, 512, 2048}, .n_lens = 3, .dtype = KVP_GGML_F32};
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
-        switch (c) {
-        case 'a':
-            o->aux = optarg;
-            break;
-        case 'b':
-            o->base = optarg;
-            break;
-        case 'p':
-            o->predictor = optarg;
-            break;
-        case 'j':
-            o->json = optarg;
-            break;
-        case 'r':
-            o->reps = atoi(optarg);
-            break;
-        case 'c':
-            o->chunk = atoi(optarg);
-            break;
-        case 'd':
-            if (!strcmp(optarg, "f32"))
-                o->dtype = KVP_GGML_F32;
-            else if (!strcmp(optarg, "f16"))
-                o->dtype = KVP_GGML_F16;
-            else if (!strcmp(optarg, "bf16"))
-                o->dtype = KVP_GGML_BF16;
-            else {
-                fprintf(stderr, "kvpred bench kvp: --dtype is f32, f16 or bf16, not '%s'\n",
-                        optarg);
-                return 2;
-            }
-            break;
-        case 'l': {
-            o->n_lens = 0;
-            char buf[128];
-            snprintf(buf, sizeof buf, "%s", optarg);
-            for (char *s = NULL, *t = strtok_r(buf, ",", &s); t && o->n_lens < 8;
-                 t = strtok_r(NULL, ",", &s))
-                o->lens[o->n_lens++] = atoi(t);
-            break;
-        }
-        case 'h':
-            usage(stdout);
-            return 1;
-        default:
-            usage(stderr);
-            return 2;
-        }
-    }
-    for (int i = 0; i < o->n_lens; i++)
-        if (o->lens[i] < 2 || o->lens[i] > 1 << 16) {
-            fprintf(stderr, "kvpred bench kvp: prompt lengths must be in [2, 65536]\n");
-            return 2;
-        }
-    if (o->reps < 1 || o->chunk < 1 || (!o->aux != !o->base) || (!o->aux != !o->predictor)) {
+    *o = (opts_t){.b = {.reps = 3, .lens = {128, 512, 2048}, .n_lens = 3, .max_lens = MAX_LENS},
+                  .chunk = 512,
+                  .dtype = KVP_GGML_F32};
+    int rc = kvp_bench_parse(argc, argv, lo, &o->b, own_opt, o, usage);
+    if (rc) return rc;
+    if (kvp_bench_check_lens(&o->b, "kvpred bench kvp")) return 2;
+    if (o->b.reps < 1 || o->chunk < 1 || kvp_bench_models_partial(&o->b)) {
         fprintf(stderr, "kvpred bench kvp: give all of --aux, --base, --predictor or none; "
                         "--reps and --chunk >= 1\n");
         return 2;
@@ -131,7 +95,7 @@ static int set_dtype(const opts_t *o, kvp_model_t *base, bool *rounded, kvp_err_
         return KVP_OK;
     }
     if (base->params16 && base->type16 == o->dtype) return KVP_OK;
-    *rounded = o->aux != NULL;
+    *rounded = o->b.aux != NULL;
     return kvp_model_make_half(base, o->dtype, err);
 }
 
@@ -150,7 +114,7 @@ static int measure(const opts_t *o, const kvp_model_t *aux, const kvp_model_t *b
     if (!rc) rc = kvp_model_new_cache(base, n, &cache, err);
     *r = (row_t){.n = n, .base_s = 1e30, .kvp_s = 1e30};
     /* alternate the two methods so that drift in machine load hits both */
-    for (int rep = 0; !rc && rep <= o->reps; rep++) {
+    for (int rep = 0; !rc && rep <= o->b.reps; rep++) {
         cache->len = 0;
         double t0 = kvp_now();
         rc = kvp_model_forward(bctx, cache, toks, n, logits, KVP_LOGITS_LAST, err);
@@ -180,15 +144,8 @@ static int measure(const opts_t *o, const kvp_model_t *aux, const kvp_model_t *b
 
 static void write_json(const opts_t *o, const row_t *rows, int n_rows, const kvp_model_t *aux,
                        const kvp_model_t *base) {
-    FILE *f = fopen(o->json, "w");
-    if (!f) {
-        fprintf(stderr, "kvpred bench kvp: cannot write %s\n", o->json);
-        return;
-    }
     kvp_json_t j;
-    kvp_json_begin(&j, f);
-    kvp_json_str(&j, "bench", "kvp");
-    kvp_json_str(&j, "blas_core", kvp_blas_corename());
+    if (!kvp_bench_json_open(&j, o->b.json, "kvp", "kvpred bench kvp")) return;
     kvp_json_str(&j, "base_step_dtype", kvp_ggml_type_name(o->dtype));
     kvp_json_int(&j, "aux_params", (long long)aux->n_params);
     kvp_json_int(&j, "base_params", (long long)base->n_params);
@@ -209,8 +166,7 @@ static void write_json(const opts_t *o, const row_t *rows, int n_rows, const kvp
         kvp_json_close_obj(&j);
     }
     kvp_json_close_arr(&j);
-    kvp_json_end(&j);
-    fclose(f);
+    kvp_bench_json_close(&j);
 }
 
 int kvp_bench_kvp(int argc, char **argv) {
@@ -220,10 +176,10 @@ int kvp_bench_kvp(int argc, char **argv) {
     kvp_err_t err = {0};
     kvp_model_t *aux = NULL, *base = NULL;
     kvp_predictor_t *p = NULL;
-    row_t rows[8];
+    row_t rows[MAX_LENS];
     int n_rows = 0;
     bool rounded = false;
-    int rc = kvp_bench_model_pair(o.aux, o.base, o.predictor, 0, &aux, &base, &p, &err);
+    int rc = kvp_bench_model_pair(o.b.aux, o.b.base, o.b.predictor, 0, &aux, &base, &p, &err);
     if (!rc) rc = set_dtype(&o, base, &rounded, &err);
     if (!rc) {
         printf("OpenBLAS kernels: %s, %d threads\n", kvp_blas_corename(), kvp_blas_threads());
@@ -232,13 +188,13 @@ int kvp_bench_kvp(int argc, char **argv) {
                base->n_params / 1e6, base->cfg.n_layer, base->cfg.n_embd,
                kvp_ggml_type_name(o.dtype), rounded ? ", rounded from the file's" : "",
                aux->n_params / 1e6, aux->cfg.n_layer, aux->cfg.n_embd,
-               o.aux ? "" : ", random weights");
+               o.b.aux ? "" : ", random weights");
         printf("%7s %10s %10s %9s %9s %9s %10s %11s %9s\n", "prompt", "base ms", "kvp ms", "aux ms",
                "pred ms", "step ms", "time x", "FLOPs x", "time/FLOPs");
     }
-    for (int i = 0; !rc && i < o.n_lens; i++) {
+    for (int i = 0; !rc && i < o.b.n_lens; i++) {
         row_t *r = &rows[n_rows];
-        rc = measure(&o, aux, base, p, o.lens[i], r, &err);
+        rc = measure(&o, aux, base, p, o.b.lens[i], r, &err);
         if (rc) break;
         n_rows++;
         double tr = r->base_s / r->kvp_s, fr = r->flops_base / r->flops_kvp;
@@ -249,7 +205,7 @@ int kvp_bench_kvp(int argc, char **argv) {
     }
     if (rc)
         fprintf(stderr, "kvpred bench kvp: %s\n", err.msg);
-    else if (o.json)
+    else if (o.b.json)
         write_json(&o, rows, n_rows, aux, base);
     kvp_predictor_free(&p);
     kvp_model_free(&aux);

@@ -17,8 +17,8 @@
 #include "kvp_train.h"
 
 typedef struct {
+    kvp_bench_opts_t b; /* --small, --json */
     int batch, seq, steps;
-    const char *json;
     kvp_model_config_t cfg;
 } opts_t;
 
@@ -31,13 +31,30 @@ static void usage(FILE *f) {
             "  --small uses a tiny model (for a quick check).\n");
 }
 
+/* bench train's own options: the shape of a step and how many to time. */
+static int own_opt(void *own, int code, const char *arg) {
+    opts_t *o = own;
+    switch (code) {
+    case 'b':
+        o->batch = atoi(arg);
+        return 0;
+    case 't':
+        o->seq = atoi(arg);
+        return 0;
+    case 'n':
+        o->steps = atoi(arg);
+        return 0;
+    default:
+        return -1;
+    }
+}
 
 static int parse_args(int argc, char **argv, opts_t *o) {
     static const struct option lo[] = {{"batch", required_argument, 0, 'b'},
                                        {"seq", required_argument, 0, 't'},
                                        {"steps", required_argument, 0, 'n'},
-                                       {"json", required_argument, 0, 'j'},
-                                       {"small", no_argument, 0, 's'},
+                                       {"json", required_argument, 0, KVP_BENCH_OPT_JSON},
+                                       {"small", no_argument, 0, KVP_BENCH_OPT_SMALL},
                                        {"help", no_argument, 0, 'h'},
                                        {0, 0, 0, 0}};
     *o = (opts_t){.batch = 8,
@@ -51,40 +68,17 @@ static int parse_args(int argc, char **argv, opts_t *o) {
                           .n_ff = 688,
                           .n_ctx_train = 1024,
                           .tied_output = true}};
-    int c;
-    optind = 1;
-    while ((c = getopt_long(argc, argv, "h", lo, NULL)) != -1) {
-        switch (c) {
-        case 'b':
-            o->batch = atoi(optarg);
-            break;
-        case 't':
-            o->seq = atoi(optarg);
-            break;
-        case 'n':
-            o->steps = atoi(optarg);
-            break;
-        case 'j':
-            o->json = optarg;
-            break;
-        case 's':
-            o->cfg = (kvp_model_config_t){.n_vocab = 512,
-                                          .n_embd = 64,
-                                          .n_layer = 2,
-                                          .n_head = 4,
-                                          .n_kv_head = 2,
-                                          .n_ff = 128,
-                                          .n_ctx_train = 256,
-                                          .tied_output = true};
-            break;
-        case 'h':
-            usage(stdout);
-            return 1;
-        default:
-            usage(stderr);
-            return 2;
-        }
-    }
+    int rc = kvp_bench_parse(argc, argv, lo, &o->b, own_opt, o, usage);
+    if (rc) return rc;
+    if (o->b.small)
+        o->cfg = (kvp_model_config_t){.n_vocab = 512,
+                                      .n_embd = 64,
+                                      .n_layer = 2,
+                                      .n_head = 4,
+                                      .n_kv_head = 2,
+                                      .n_ff = 128,
+                                      .n_ctx_train = 256,
+                                      .tied_output = true};
     if (o->batch < 1 || o->seq < 1 || o->steps < 1) {
         fprintf(stderr, "kvpred bench train: --batch, --seq and --steps must be >= 1\n");
         return 2;
@@ -96,9 +90,7 @@ int kvp_bench_train(int argc, char **argv) {
     opts_t o;
     int prc = parse_args(argc, argv, &o);
     if (prc) return prc == 1 ? 0 : 2;
-    printf("OpenBLAS kernels: %s%s, %d threads\n", kvp_blas_corename(),
-           kvp_blas_was_switched() ? " (auto-selected by kvpred)" : "", kvp_blas_threads());
-    double ref = kvp_bench_sgemm_gflops(512, 2048, 2048, 5);
+    double ref = kvp_bench_blas_ref();
     printf("sgemm 512x2048x2048: %.1f GFLOP/s\n", ref);
 
     kvp_err_t err = {0};
@@ -153,17 +145,12 @@ int kvp_bench_train(int argc, char **argv) {
            best_fwd * 1e3, n / best, gf, 100.0 * gf / ref);
     printf("%-26s %10.1f %10s %10.0f %10.1f %8.0f%%\n", "training step (mean)", mean * 1e3, "",
            n / mean, flops / mean / 1e9, 100.0 * flops / mean / 1e9 / ref);
-    if (o.json) {
-        FILE *f = fopen(o.json, "w");
-        if (!f) {
-            fprintf(stderr, "kvpred bench train: cannot write %s\n", o.json);
+    if (o.b.json) {
+        kvp_json_t j;
+        if (!kvp_bench_json_open(&j, o.b.json, "train", "kvpred bench train")) {
             rc = KVP_EIO;
             goto done;
         }
-        kvp_json_t j;
-        kvp_json_begin(&j, f);
-        kvp_json_str(&j, "bench", "train");
-        kvp_json_str(&j, "blas_core", kvp_blas_corename());
         kvp_json_int(&j, "blas_threads", kvp_blas_threads());
         kvp_json_num(&j, "sgemm_gflops", ref);
         kvp_json_int(&j, "n_params", (long long)m->n_params);
@@ -176,8 +163,7 @@ int kvp_bench_train(int argc, char **argv) {
         kvp_json_num(&j, "tokens_per_s", n / best);
         kvp_json_num(&j, "gflops", gf);
         kvp_json_num(&j, "fraction_of_sgemm", gf / ref);
-        kvp_json_end(&j);
-        fclose(f);
+        kvp_bench_json_close(&j);
     }
 done:
     free(tok);

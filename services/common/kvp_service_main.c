@@ -46,10 +46,11 @@ void kvp_service_signals(atomic_int *stop) {
     signal(SIGPIPE, SIG_IGN);
 }
 
-void kvp_service_opts_init(kvp_service_opts_t *o, atomic_int *stop) {
+void kvp_service_opts_init(kvp_service_opts_t *o) {
     memset(o, 0, sizeof *o);
     kvp_svc_common_init(&o->c);
-    o->c.stop = stop;
+    atomic_init(&o->stop, 0);
+    o->c.stop = &o->stop;
 }
 
 static int parse_int(const char *prog, const char *flag, const char *s, int lo, int hi, int *out) {
@@ -165,4 +166,43 @@ int kvp_service_curve(kvp_service_opts_t *o, const char *prog) {
         o->c.curve_client = &o->curve_client;
     }
     return 0;
+}
+
+int kvp_service_next_opt(kvp_service_opts_t *o, int argc, char **argv, const char *shortopts,
+                         const struct option *lo, void (*usage)(FILE *), int *status) {
+    int c;
+    *status = -1;
+    while ((c = getopt_long(argc, argv, shortopts, lo, NULL)) != -1) {
+        int r = kvp_service_opt(o, c, optarg, argv[0]);
+        if (r < 0) {
+            *status = 2;
+            return -1;
+        }
+        if (r) continue;
+        if (c == 'h' || c == '?') {
+            usage(c == 'h' ? stdout : stderr);
+            *status = c == 'h' ? 0 : 2;
+            return -1;
+        }
+        return c;
+    }
+    return -1;
+}
+
+int kvp_service_start(kvp_service_opts_t *o, const char *prog) {
+    if (kvp_service_curve(o, prog)) return -1;
+    return kvp_service_cpu(o, prog);
+}
+
+int kvp_service_load_model(kvp_service_opts_t *o, const char *path, kvp_bundle_t *b,
+                           kvp_err_t *err) {
+    int rc = kvp_bundle_load(path, b, err);
+    if (!rc) kvp_service_signals(o->c.stop);
+    return rc;
+}
+
+int kvp_service_exit(int rc, const kvp_err_t *err, const char *prog) {
+    if (!rc) return 0;
+    fprintf(stderr, "%s: %s\n", prog, err->msg);
+    return 1;
 }

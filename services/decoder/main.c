@@ -5,7 +5,6 @@
 #include <string.h>
 
 #include "kvp_blas.h"
-#include "kvp_bundle.h"
 #include "kvp_service_main.h"
 
 static void usage(FILE *f) {
@@ -20,9 +19,8 @@ static void usage(FILE *f) {
 
 int main(int argc, char **argv) {
     kvp_blas_init(argv);
-    static atomic_int stop;
     kvp_service_opts_t o;
-    kvp_service_opts_init(&o, &stop);
+    kvp_service_opts_init(&o);
     const char *model_path = NULL;
     int credits = 4, prefill = 512;
     static const struct option lo[] = {{"model", required_argument, 0, 'm'},
@@ -31,47 +29,34 @@ int main(int argc, char **argv) {
                                        {"help", no_argument, 0, 'h'},
                                        KVP_SERVICE_LONGOPTS,
                                        {0, 0, 0, 0}};
-    int c;
-    while ((c = getopt_long(argc, argv, "m:h", lo, NULL)) != -1) {
-        int r = kvp_service_opt(&o, c, optarg, argv[0]);
-        if (r < 0) return 2;
-        if (r) continue;
+    int c, status;
+    while ((c = kvp_service_next_opt(&o, argc, argv, "m:h", lo, usage, &status)) != -1) {
         if (c == 'm')
             model_path = optarg;
         else if (c == 'c')
             credits = atoi(optarg);
         else if (c == 'P')
             prefill = atoi(optarg);
-        else if (c == 'h') {
-            usage(stdout);
-            return 0;
-        } else {
-            usage(stderr);
-            return 2;
-        }
     }
+    if (status >= 0) return status;
+    /* the decoder is the last stage: it has nothing downstream */
     if (!model_path || credits < 1 || prefill < 1 || optind < argc || o.downstream) {
         usage(stderr);
         return 2;
     }
-    if (kvp_service_curve(&o, "kvpred-decoder")) return 2;
-    if (kvp_service_cpu(&o, "kvpred-decoder")) return 2;
+    if (kvp_service_start(&o, "kvpred-decoder")) return 2;
     kvp_err_t err = {0};
     kvp_bundle_t b;
-    int rc = kvp_bundle_load(model_path, &b, &err);
-    const kvp_model_t *m = b.model;
-    const kvp_tokenizer_t *tok = b.tok;
+    int rc = kvp_service_load_model(&o, model_path, &b, &err);
     if (!rc) {
-        kvp_service_signals(&stop);
         kvp_dec_cfg_t cfg = {.c = o.c,
                              .listen = o.listen,
-                             .model = m,
-                             .tok = tok,
+                             .model = b.model,
+                             .tok = b.tok,
                              .credits = credits,
                              .prefill_chunk = prefill};
         rc = kvp_svc_dec_run(&cfg, &err);
     }
-    if (rc) fprintf(stderr, "kvpred-decoder: %s\n", err.msg);
     kvp_bundle_free(&b);
-    return rc ? 1 : 0;
+    return kvp_service_exit(rc, &err, "kvpred-decoder");
 }

@@ -17,38 +17,27 @@ static void usage(FILE *f) {
 
 int main(int argc, char **argv) {
     kvp_blas_init(argv);
-    static atomic_int stop;
     kvp_service_opts_t o;
-    kvp_service_opts_init(&o, &stop);
+    kvp_service_opts_init(&o);
     const char *pred_path = NULL, *identity = NULL;
     static const struct option lo[] = {{"predictor", required_argument, 0, 'p'},
                                        {"identity", required_argument, 0, 'i'},
                                        {"help", no_argument, 0, 'h'},
                                        KVP_SERVICE_LONGOPTS,
                                        {0, 0, 0, 0}};
-    int c;
-    while ((c = getopt_long(argc, argv, "p:h", lo, NULL)) != -1) {
-        int r = kvp_service_opt(&o, c, optarg, argv[0]);
-        if (r < 0) return 2;
-        if (r) continue;
+    int c, status;
+    while ((c = kvp_service_next_opt(&o, argc, argv, "p:h", lo, usage, &status)) != -1) {
         if (c == 'p')
             pred_path = optarg;
         else if (c == 'i')
             identity = optarg;
-        else if (c == 'h') {
-            usage(stdout);
-            return 0;
-        } else {
-            usage(stderr);
-            return 2;
-        }
     }
+    if (status >= 0) return status;
     if (!pred_path == !identity || optind < argc) {
         usage(stderr);
         return 2;
     }
-    if (kvp_service_curve(&o, "kvpred-predictor")) return 2;
-    if (kvp_service_cpu(&o, "kvpred-predictor")) return 2;
+    if (kvp_service_start(&o, "kvpred-predictor")) return 2;
     kvp_err_t err = {0};
     kvp_predictor_t *p = NULL;
     int rc;
@@ -62,11 +51,10 @@ int main(int argc, char **argv) {
         rc = kvp_predictor_load(&p, pred_path, &err);
     }
     if (!rc) {
-        kvp_service_signals(&stop);
+        kvp_service_signals(o.c.stop);
         kvp_pred_cfg_t cfg = {.c = o.c, .listen = o.listen, .downstream = o.downstream, .pred = p};
         rc = kvp_svc_pred_run(&cfg, &err);
     }
-    if (rc) fprintf(stderr, "kvpred-predictor: %s\n", err.msg);
     kvp_predictor_free(&p);
-    return rc ? 1 : 0;
+    return kvp_service_exit(rc, &err, "kvpred-predictor");
 }
