@@ -24,6 +24,12 @@ static const char *const NAMES[KVP_BSTAGES] = {"aux-prefill", "predictor", "deco
 /* Everything a stage touches after it starts. With forked stages it lives in
  * a MAP_SHARED mapping: the atomics, exit codes and messages written by a
  * child are what the parent reads. */
+/* What a stage thread is started with. */
+typedef struct {
+    struct kvp_bench_stages *s;
+    int i;
+} stage_arg_t;
+
 struct kvp_bench_stages {
     atomic_int stop;
     atomic_int ready[KVP_BSTAGES];
@@ -35,6 +41,7 @@ struct kvp_bench_stages {
     kvp_dec_cfg_t dec;
     kvp_bench_stages_opts_t o;
     pthread_t th[KVP_BSTAGES];
+    stage_arg_t arg[KVP_BSTAGES];
     pid_t pid[KVP_BSTAGES];
     int started[KVP_BSTAGES];
     char ep[KVP_BSTAGES][64];
@@ -52,11 +59,8 @@ static void run_stage(kvp_bench_stages_t *s, int i) {
 }
 
 static void *thread_main(void *arg) {
-    kvp_bench_stages_t **a = arg; /* {s, (void *)i} */
-    kvp_bench_stages_t *s = a[0];
-    int i = (int)(intptr_t)a[1];
-    free(a);
-    run_stage(s, i);
+    stage_arg_t *a = arg;
+    run_stage(a->s, a->i);
     return NULL;
 }
 
@@ -83,14 +87,9 @@ static int start_one(kvp_bench_stages_t *s, int i, kvp_err_t *err) {
         if (pid == 0) child_main(s, i);
         s->pid[i] = pid;
     } else {
-        void **a = malloc(2 * sizeof *a);
-        if (!a) return kvp_err_set(err, KVP_ENOMEM, "out of memory");
-        a[0] = s;
-        a[1] = (void *)(intptr_t)i;
-        if (pthread_create(&s->th[i], NULL, thread_main, a)) {
-            free(a);
+        s->arg[i] = (stage_arg_t){s, i};
+        if (pthread_create(&s->th[i], NULL, thread_main, &s->arg[i]))
             return kvp_err_set(err, KVP_EIO, "cannot start the %s thread", NAMES[i]);
-        }
     }
     s->started[i] = 1;
     return KVP_OK;
