@@ -74,7 +74,7 @@ EOF
 # usage errors
 for args in "--dtype f8" "--lens 1" "--chunks 0" "--reps 0" "--aux a.gguf" "--small extra" \
   "--stages fork" "--stage-threads 1,2" "--stage-threads 0" "--stage-cpus 0/1" \
-  "--stage-cpus x"; do
+  "--stage-cpus x" "--credits 0" "--credits 65" "--tail 0" "--tail -2"; do
   # shellcheck disable=SC2086
   "$KVPRED" bench handoff $args >/dev/null 2>&1
   rc=$?
