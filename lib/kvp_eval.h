@@ -236,4 +236,22 @@ int kvp_eval_goals(const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n
 void kvp_eval_print_goals(FILE *f, const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n,
                           double min_gap);
 
+/* The goals read on the Pareto fronts (the paper's curves): at each KVP
+ * method's TTFT budget, the most accurate KVP method and the most accurate
+ * baseline (ALONE) at that budget or a smaller one. A KVP configuration that
+ * a cheaper one beats is then not held against the method, and neither
+ * family is: each gets its best point. The gap is the stricter one, from the
+ * best baseline to the base. */
+typedef struct kvp_eval_front {
+    int budget;               /* the KVP method whose TTFT FLOPs set the budget */
+    int kvp, baseline;        /* best of each family at <= the budget; baseline -1: none */
+    double margin, margin_se; /* accuracy, kvp - baseline */
+    double gap_closed;        /* (kvp - baseline) / (base - baseline); NaN unless base > it */
+} kvp_eval_front_t;
+
+/* Fills fronts[] (room for n), one per KVP method in increasing budget, and
+ * returns how many. */
+int kvp_eval_fronts(const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n,
+                    kvp_eval_front_t *fronts);
+
 #endif

@@ -251,6 +251,68 @@ int kvp_eval_goals(const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n
     return ng;
 }
 
+/* The most accurate method of `kind` at <= flops; -1 if none. */
+static int best_of_kind(const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n,
+                        kvp_eval_kind_t kind, double flops) {
+    int best = -1;
+    for (int j = 0; j < n; j++)
+        if (m[j].kind == kind && r[j].flops <= flops && isfinite(r[j].acc) &&
+            (best < 0 || r[j].acc > r[best].acc))
+            best = j;
+    return best;
+}
+
+int kvp_eval_fronts(const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n,
+                    kvp_eval_front_t *fronts) {
+    int base = -1, nf = 0;
+    for (int i = 0; i < n && base < 0; i++)
+        if (m[i].kind == KVP_EVAL_BASE) base = i;
+    for (int i = 0; i < n; i++) {
+        if (m[i].kind != KVP_EVAL_KVP) continue;
+        kvp_eval_front_t f = {.budget = i};
+        f.kvp = best_of_kind(m, r, n, KVP_EVAL_KVP, r[i].flops);
+        f.baseline = best_of_kind(m, r, n, KVP_EVAL_ALONE, r[i].flops);
+        int k = f.kvp, b = f.baseline;
+        f.margin = b >= 0 ? r[k].acc - r[b].acc : NAN;
+        f.margin_se = b >= 0 ? paired_se(r[k].acc_each, r[b].acc_each, r[k].n_prompts) : NAN;
+        f.gap_closed = b >= 0 ? gap(r, k, base, b, 0) : NAN;
+        /* insertion by budget keeps the fronts in the order they are read */
+        int at = nf++;
+        for (; at > 0 && r[fronts[at - 1].budget].flops > r[i].flops; at--)
+            fronts[at] = fronts[at - 1];
+        fronts[at] = f;
+    }
+    return nf;
+}
+
+static void print_fronts(FILE *f, const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n,
+                         double base_flops, double min_gap) {
+    kvp_eval_front_t *fr = calloc((size_t)n, sizeof *fr);
+    if (!fr) return;
+    int nf = kvp_eval_fronts(m, r, n, fr), met = 0;
+    fprintf(f, "on the fronts: at each KV Prediction budget, the best KV Prediction point and the "
+               "best baseline at or below it (gap from that baseline to the base)\n");
+    for (int k = 0; k < nf; k++) {
+        const kvp_eval_front_t *x = &fr[k];
+        fprintf(f, "  %.3f x base: %s %.4f", r[x->budget].flops / base_flops, m[x->kvp].name,
+                r[x->kvp].acc);
+        if (x->baseline < 0) {
+            fprintf(f, " (no baseline at <= this budget)\n");
+            met++;
+            continue;
+        }
+        fprintf(f, " vs %s %.4f: %+.4f +- %.4f", m[x->baseline].name, r[x->baseline].acc,
+                x->margin, x->margin_se);
+        if (isfinite(x->gap_closed)) fprintf(f, "; closes %.0f%% of the gap", 100 * x->gap_closed);
+        fputc('\n', f);
+        met += x->margin > 0 && !(x->gap_closed < min_gap);
+    }
+    fprintf(f, "  accuracy on the fronts: %d of %d budgets above the baselines and closing >= %.0f%% "
+               "(or no measurable gap)\n",
+            met, nf, 100 * min_gap);
+    free(fr);
+}
+
 /* "acc 0.235 vs aux alone 0.241: -0.006 +- 0.004, gap closed -43%" */
 static void print_metric(FILE *f, const char *what, const char *fmt, double v,
                          const kvp_eval_method_t *m, const kvp_eval_result_t *r, int best,
@@ -300,4 +362,6 @@ void kvp_eval_print_goals(FILE *f, const kvp_eval_method_t *m, const kvp_eval_re
             "log-likelihood: %d of %d above, %d of %d close >= %.0f%%\n",
             above[0], ng, closed[0], ng, 100 * min_gap, above[1], ng, closed[1], ng, 100 * min_gap);
     free(g);
+    for (int i = 0; i < n; i++)
+        if (m[i].kind == KVP_EVAL_BASE) print_fronts(f, m, r, n, r[i].flops, min_gap);
 }

@@ -524,6 +524,36 @@ static void test_perfect_predictor_scores_as_the_base(void **state) {
     kvp_gguf_free(&vg);
 }
 
+/* Budgets 20 and 41 (KVP x and y), baselines a (10) and b (40): at 41 the
+ * front takes x, which is cheaper and better than y, against b. */
+static void test_fronts_take_the_best_of_each_family_at_or_below_each_budget(void **state) {
+    (void)state;
+    double each[6][2] = {{.3, .3}, {.2, .2}, {.2, .28}, {.25, .29}, {.24, .26}, {.9, .9}};
+    const double acc[6] = {.30, .20, .24, .27, .25, .90}, flops[6] = {100, 10, 40, 20, 41, 200};
+    kvp_eval_method_t m[6] = {
+        {.name = "base", .kind = KVP_EVAL_BASE}, {.name = "a", .kind = KVP_EVAL_ALONE},
+        {.name = "b", .kind = KVP_EVAL_ALONE},   {.name = "x", .kind = KVP_EVAL_KVP},
+        {.name = "y", .kind = KVP_EVAL_KVP},     {.name = "z", .kind = KVP_EVAL_ALONE},
+    };
+    kvp_eval_result_t r[6] = {0};
+    for (int i = 0; i < 6; i++)
+        r[i] = (kvp_eval_result_t){
+            .acc = acc[i], .flops = flops[i], .acc_each = each[i], .n_prompts = 2};
+    kvp_eval_front_t f[6];
+    assert_int_equal(kvp_eval_fronts(m, r, 6, f), 2);
+    assert_int_equal(f[0].budget, 3);
+    assert_int_equal(f[0].kvp, 3);
+    assert_int_equal(f[0].baseline, 1); /* b costs 40 > 20 */
+    assert_true(fabs(f[0].margin - 0.07) < 1e-12);
+    assert_true(fabs(f[0].gap_closed - 0.7) < 1e-12); /* (.27 - .20) / (.30 - .20) */
+    /* differences .05 and .01: mean .03, sample sd .0283, se .02 */
+    assert_true(fabs(f[0].margin_se - 0.02) < 1e-12);
+    assert_int_equal(f[1].budget, 4);
+    assert_int_equal(f[1].kvp, 3); /* y (0.25) is beaten by the cheaper x */
+    assert_int_equal(f[1].baseline, 2);
+    assert_true(fabs(f[1].gap_closed - 0.5) < 1e-12); /* (.27 - .24) / (.30 - .24) */
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_accuracy_counts_matching_positions),
@@ -536,6 +566,7 @@ int main(void) {
         cmocka_unit_test(test_ttft_flops_match_hand_counts),
         cmocka_unit_test(test_data_comes_from_test_files_only),
         cmocka_unit_test(test_perfect_predictor_scores_as_the_base),
+        cmocka_unit_test(test_fronts_take_the_best_of_each_family_at_or_below_each_budget),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
