@@ -23,14 +23,19 @@ int kvp_kvcache_new(kvp_kvcache_t **out, int n_layer, int n_kv_head, int head_di
     c->cap = cap;
     c->rope_dim = rope_dim;
     c->inv_freq = malloc(sizeof(float) * (size_t)(rope_dim / 2 + 1));
+    c->rope_cs = malloc(sizeof(float) * ((size_t)cap * rope_dim + 1));
     c->k = calloc(n, sizeof(float));
     c->v = calloc(n, sizeof(float));
-    if (!c->inv_freq || !c->k || !c->v) {
+    if (!c->inv_freq || !c->rope_cs || !c->k || !c->v) {
         kvp_kvcache_free(&c);
         return kvp_err_set(err, KVP_ENOMEM, "kv cache: cannot allocate %zu MiB",
                            2 * n * sizeof(float) >> 20);
     }
     if (rope_dim) memcpy(c->inv_freq, inv_freq, sizeof(float) * (size_t)(rope_dim / 2));
+    /* kvp_rope_table is what kvp_rope computes per call, so rows read or
+     * written through the table are bit-identical to rotating with kvp_rope */
+    for (int pos = 0; pos < cap && rope_dim; pos++)
+        kvp_rope_table(c->rope_cs + (size_t)pos * rope_dim, rope_dim, pos, c->inv_freq);
     *out = c;
     return KVP_OK;
 }
@@ -38,6 +43,7 @@ int kvp_kvcache_new(kvp_kvcache_t **out, int n_layer, int n_kv_head, int head_di
 void kvp_kvcache_free(kvp_kvcache_t **c) {
     if (!c || !*c) return;
     free((*c)->inv_freq);
+    free((*c)->rope_cs);
     free((*c)->k);
     free((*c)->v);
     free(*c);
@@ -78,7 +84,8 @@ void kvp_kvcache_store(kvp_kvcache_t *c, int layer, int pos0, int n_tok, const f
     }
 }
 
-static int check_range(const kvp_kvcache_t *c, int layer, int pos0, int n_tok, kvp_err_t *err) {
+int kvp_kvcache_check_range(const kvp_kvcache_t *c, int layer, int pos0, int n_tok,
+                            kvp_err_t *err) {
     if (layer < 0 || layer >= c->n_layer)
         return kvp_err_set(err, KVP_ERANGE, "kv cache: layer %d out of range [0, %d)", layer,
                            c->n_layer);
@@ -91,29 +98,52 @@ static int check_range(const kvp_kvcache_t *c, int layer, int pos0, int n_tok, k
     return KVP_OK;
 }
 
+const float *kvp_kvcache_rope_cs(const kvp_kvcache_t *c, int pos) {
+    return c->rope_cs + (size_t)pos * c->rope_dim;
+}
+
+/* Rows of one layer's K or V into its head-major slots, plus bias, keys
+ * rotated in place. Token by token, so the rows are read in order (faster
+ * than head by head when they are a wide sgemm output); each slot is rotated
+ * while still in L1. */
+static void put_rows(const kvp_kvcache_t *c, float *base, int pos0, int n_tok, const float *rows,
+                     int ld, const float *bias, int rotate) {
+    const int hd = c->head_dim;
+    for (int t = 0; t < n_tok; t++) {
+        const float *cs = kvp_kvcache_rope_cs(c, pos0 + t);
+        for (int h = 0; h < c->n_kv_head; h++) {
+            float *dst = base + ((size_t)h * c->cap + pos0 + t) * hd;
+            const float *src = rows + (size_t)t * ld + (size_t)h * hd;
+            if (bias) {
+                const float *b = bias + (size_t)h * hd;
+                for (int i = 0; i < hd; i++)
+                    dst[i] = src[i] + b[i];
+            } else /* not + 0: that would turn -0 into +0 */
+                memcpy(dst, src, sizeof(float) * (size_t)hd);
+            if (rotate) kvp_rope_apply(dst, 1, hd, c->rope_dim, cs, 1.0f);
+        }
+    }
+}
+
+int kvp_kvcache_write_rows(kvp_kvcache_t *c, int layer, int pos0, int n_tok, const float *k,
+                           int ld_k, const float *k_bias, const float *v, int ld_v,
+                           const float *v_bias, kvp_err_t *err) {
+    int rc = kvp_kvcache_check_range(c, layer, pos0, n_tok, err);
+    if (rc) return rc;
+    if (k) put_rows(c, kvp_kvcache_k(c, layer), pos0, n_tok, k, ld_k, k_bias, c->rope_dim > 0);
+    if (v) put_rows(c, kvp_kvcache_v(c, layer), pos0, n_tok, v, ld_v, v_bias, 0);
+    return KVP_OK;
+}
+
 int kvp_kvcache_write(kvp_kvcache_t *c, int layer, int pos0, int n_tok, const float *k,
                       const float *v, kvp_err_t *err) {
-    int rc = check_range(c, layer, pos0, n_tok, err);
-    if (rc) return rc;
     const int width = c->n_kv_head * c->head_dim;
-    float *kb = kvp_kvcache_k(c, layer), *vb = kvp_kvcache_v(c, layer);
-    float *tmp = malloc(sizeof(float) * (size_t)width);
-    if (!tmp) return kvp_err_set(err, KVP_ENOMEM, "kv cache: out of memory");
-    for (int t = 0; t < n_tok; t++) {
-        if (k) {
-            memcpy(tmp, k + (size_t)t * width, sizeof(float) * (size_t)width);
-            kvp_rope(tmp, c->n_kv_head, c->head_dim, c->rope_dim, pos0 + t, c->inv_freq, 1.0f);
-            scatter_row(c, kb, pos0 + t, tmp);
-        }
-        if (v) scatter_row(c, vb, pos0 + t, v + (size_t)t * width);
-    }
-    free(tmp);
-    return KVP_OK;
+    return kvp_kvcache_write_rows(c, layer, pos0, n_tok, k, width, NULL, v, width, NULL, err);
 }
 
 int kvp_kvcache_read(const kvp_kvcache_t *c, int layer, int pos0, int n_tok, float *k, float *v,
                      kvp_err_t *err) {
-    int rc = check_range(c, layer, pos0, n_tok, err);
+    int rc = kvp_kvcache_check_range(c, layer, pos0, n_tok, err);
     if (rc) return rc;
     const int width = c->n_kv_head * c->head_dim;
     const float *kb = kvp_kvcache_k(c, layer), *vb = kvp_kvcache_v(c, layer);
@@ -121,7 +151,8 @@ int kvp_kvcache_read(const kvp_kvcache_t *c, int layer, int pos0, int n_tok, flo
         if (k) {
             float *row = k + (size_t)t * width;
             gather_row(c, kb, pos0 + t, row);
-            kvp_rope(row, c->n_kv_head, c->head_dim, c->rope_dim, pos0 + t, c->inv_freq, -1.0f);
+            kvp_rope_apply(row, c->n_kv_head, c->head_dim, c->rope_dim,
+                           kvp_kvcache_rope_cs(c, pos0 + t), -1.0f);
         }
         if (v) gather_row(c, vb, pos0 + t, v + (size_t)t * width);
     }

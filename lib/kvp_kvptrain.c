@@ -62,8 +62,17 @@ void kvp_kvptrain_init_predictor(kvp_predictor_t *p, uint64_t seed) {
     kvp_rng_t r;
     kvp_rng_seed(&r, seed);
     const float bound = 1.0f / sqrtf((float)p->d_in);
-    for (size_t i = 0; i < p->n_params; i++)
-        p->params[i] = (2.0f * kvp_rng_uniform(&r) - 1.0f) * bound;
+    const size_t nw = (size_t)p->d_out * p->d_in, nb = (size_t)p->d_out;
+    /* through the views in base-layer order, not in the arena's order (which
+     * groups base layers by aux layer): a seed gives the predictor it gave
+     * before the arena was grouped */
+    for (int l = 0; l < p->base.n_layer; l++) {
+        kvp_predictor_layer_t *L = &p->layers[l];
+        float *t[4] = {L->k_w, L->k_b, L->v_w, L->v_b};
+        for (int i = 0; i < 4; i++)
+            for (size_t j = 0; j < (i % 2 ? nb : nw); j++)
+                t[i][j] = (2.0f * kvp_rng_uniform(&r) - 1.0f) * bound;
+    }
 }
 
 /* ---- one micro-batch -------------------------------------------------------- */
@@ -365,6 +374,26 @@ static uint64_t fnv(uint64_t h, const void *data, size_t n) {
     return h;
 }
 
+/* The starting predictor's hash: its map, then each base layer's k_w, k_b,
+ * v_w, v_b — base-layer order, independent of the arena's layout, so that a
+ * checkpoint of the old layout passes the settings check and is refused by
+ * the layout check below with a message that says why. */
+static uint64_t pred_hash(const kvp_predictor_t *p) {
+    const size_t nw = sizeof(float) * p->d_out * p->d_in, nb = sizeof(float) * p->d_out;
+    uint64_t h =
+        fnv(14695981039346656037ull, p->layer_map, sizeof(int32_t) * (size_t)p->base.n_layer);
+    for (int l = 0; l < p->base.n_layer; l++) {
+        const kvp_predictor_layer_t *L = &p->layers[l];
+        h = fnv(fnv(fnv(fnv(h, L->k_w, nw), L->k_b, nb), L->v_w, nw), L->v_b, nb);
+    }
+    return h;
+}
+
+/* Section "pred.layout" of a checkpoint: how pred.params and its AdamW
+ * moments are laid out (kvp_predictor.h). Checkpoints without it hold the
+ * arena per base layer, which read as grouped would silently mix up weights. */
+#define PRED_LAYOUT "grouped by aux layer"
+
 /* ---- the run -------------------------------------------------------------------- */
 
 typedef struct run {
@@ -459,6 +488,7 @@ static int save_ckpt(run_t *r, kvp_err_t *err) {
         {"meta", mt.buf, mt.n},
         {"rng", r->rng.s, sizeof r->rng.s},
         {"aux.params", r->aux->params, na},
+        {"pred.layout", PRED_LAYOUT, sizeof PRED_LAYOUT - 1},
         {"pred.params", r->p->params, np},
         {"aux.adam.m", r->opt_a->m, na},
         {"aux.adam.v", r->opt_a->v, na},
@@ -478,6 +508,15 @@ static int load_ckpt(run_t *r, kvp_err_t *err) {
     int rc = kvp_trainutil_ckpt_open(&ck, r->cfg->ckpt_path, &CKPT_KIND, &want, r->cfg->steps, &pos,
                                      &text, &ml, err);
     if (rc) return rc;
+    uint64_t n_layout = 0;
+    const char *layout = kvp_ckpt_find(ck, "pred.layout", &n_layout);
+    if (!layout || n_layout != sizeof PRED_LAYOUT - 1 || memcmp(layout, PRED_LAYOUT, n_layout)) {
+        kvp_ckpt_free(&ck);
+        return kvp_err_set(err, KVP_EUNSUPPORTED,
+                           "checkpoint %s predates the grouped predictor layout; restart "
+                           "training (without resuming from it)",
+                           r->cfg->ckpt_path);
+    }
     r->step = pos.step;
     r->tokens = pos.tokens;
     r->elapsed_before = pos.elapsed;
@@ -570,9 +609,7 @@ int kvp_kvptrain_run(kvp_model_t *aux, const kvp_model_t *base, kvp_predictor_t 
     kvp_rng_seed(&r.rng, cfg->seed);
     kvp_model_fingerprint(aux, r.aux_start);
     kvp_model_fingerprint(base, r.base_fp);
-    r.pred_start =
-        fnv(fnv(14695981039346656037ull, p->layer_map, sizeof(int32_t) * (size_t)p->base.n_layer),
-            p->params, sizeof(float) * np);
+    r.pred_start = pred_hash(p);
 
     kvp_kvptrain_ctx_t *x = NULL;
     float *ga = calloc(na, sizeof *ga), *gp = calloc(np, sizeof *gp);

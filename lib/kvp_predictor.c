@@ -44,16 +44,41 @@ static int check_layer_map(const int32_t *map, int n_aux, int n_base, kvp_err_t 
     return KVP_OK;
 }
 
-/* Points the per-layer views into the arena. */
+/* The base layers aux layer a feeds: their number, and in *first (if not
+ * NULL) the lowest of them (-1 if none). */
+static int group_of(const kvp_predictor_t *p, int a, int *first) {
+    int g = 0;
+    if (first) *first = -1;
+    for (int l = 0; l < p->base.n_layer; l++) {
+        if (p->layer_map[l] != a) continue;
+        if (first && *first < 0) *first = l;
+        g++;
+    }
+    return g;
+}
+
+/* Points the per-layer views into the arena, grouped by aux layer: for each
+ * aux layer a, the K weights of the base layers it feeds (in increasing l),
+ * then their V weights, K biases and V biases. A group's weights are thus one
+ * [n_group * d_out][d_in] matrix, so apply_cache predicts all of them with one
+ * sgemm. The layout depends on the layer map, which must therefore be set
+ * before this is called and never changed after; other code goes through the
+ * views. */
 static void set_views(kvp_predictor_t *p) {
     size_t nw = (size_t)p->d_out * p->d_in, nb = (size_t)p->d_out;
     float *q = p->params;
-    for (int l = 0; l < p->base.n_layer; l++) {
-        kvp_predictor_layer_t *L = &p->layers[l];
-        L->k_w = q, q += nw;
-        L->k_b = q, q += nb;
-        L->v_w = q, q += nw;
-        L->v_b = q, q += nb;
+    for (int a = 0; a < p->aux.n_layer; a++) {
+        size_t g = (size_t)group_of(p, a, NULL), j = 0;
+        for (int l = 0; l < p->base.n_layer; l++) {
+            if (p->layer_map[l] != a) continue;
+            kvp_predictor_layer_t *L = &p->layers[l];
+            L->k_w = q + j * nw;
+            L->v_w = q + (g + j) * nw;
+            L->k_b = q + 2 * g * nw + j * nb;
+            L->v_b = q + 2 * g * nw + (g + j) * nb;
+            j++;
+        }
+        q += 2 * g * (nw + nb);
     }
 }
 
@@ -90,16 +115,23 @@ int kvp_predictor_new(kvp_predictor_t **out, kvp_kv_shape_t aux, kvp_kv_shape_t 
 }
 
 int kvp_predictor_new_identity(kvp_predictor_t **out, kvp_kv_shape_t shape, kvp_err_t *err) {
-    int rc = kvp_predictor_new(out, shape, shape, NULL, err);
+    *out = NULL;
+    int rc = check_shape("identity", shape, err);
+    if (rc) return rc;
+    /* the map decides the arena layout, so it is given to new(), not set after */
+    int32_t *map = malloc(sizeof(int32_t) * (size_t)shape.n_layer);
+    if (!map) return kvp_err_set(err, KVP_ENOMEM, "predictor: out of memory");
+    for (int l = 0; l < shape.n_layer; l++)
+        map[l] = l;
+    rc = kvp_predictor_new(out, shape, shape, map, err);
+    free(map);
     if (rc) return rc;
     kvp_predictor_t *p = *out;
-    for (int l = 0; l < shape.n_layer; l++) {
-        p->layer_map[l] = l;
+    for (int l = 0; l < shape.n_layer; l++)
         for (int i = 0; i < p->d_out; i++) {
             p->layers[l].k_w[(size_t)i * p->d_in + i] = 1.0f;
             p->layers[l].v_w[(size_t)i * p->d_in + i] = 1.0f;
         }
-    }
     return KVP_OK;
 }
 
@@ -217,23 +249,55 @@ static int check_caches(const kvp_predictor_t *p, const kvp_kvcache_t *aux,
     return KVP_OK;
 }
 
-/* Reads each aux layer once and predicts every base layer it feeds. */
+/* Tokens a pass of apply_cache handles at most: bounds its scratch (the
+ * group's outputs, n_group * d_out floats a token). No smaller: each pass
+ * repacks the group's weights inside sgemm, which costs more than passes small
+ * enough to keep the outputs in L2 save (256 rows: 4-15% slower, measured). */
+enum { APPLY_ROWS = 2048 };
+
+/* Reads each aux layer once per pass and predicts every base layer it feeds
+ * with one sgemm for K and one for V over the group's contiguous weights
+ * (set_views), beta = 0; the bias is added as the rows go into the base cache,
+ * so the outputs are touched once more, not twice. */
 int kvp_predictor_apply_cache(const kvp_predictor_t *p, const kvp_kvcache_t *aux,
                               kvp_kvcache_t *base, int pos0, int n_tok, kvp_err_t *err) {
     int rc = check_caches(p, aux, base, err);
     if (rc || n_tok == 0) return rc;
-    size_t n_in = (size_t)n_tok * p->d_in, n_out = (size_t)n_tok * p->d_out;
-    float *buf = malloc(sizeof(float) * 2 * (n_in + n_out));
+    /* both spans checked up front: a failure must not leave a partial write */
+    rc = kvp_kvcache_check_range(aux, 0, pos0, n_tok, err);
+    if (!rc) rc = kvp_kvcache_check_range(base, 0, pos0, n_tok, err);
+    if (rc) return rc;
+    int g_max = 0;
+    for (int a = 0; a < p->aux.n_layer; a++) {
+        int g = group_of(p, a, NULL);
+        g_max = g > g_max ? g : g_max;
+    }
+    const int rows = n_tok < APPLY_ROWS ? n_tok : APPLY_ROWS;
+    size_t n_in = (size_t)rows * p->d_in, n_out = (size_t)rows * g_max * p->d_out;
+    float *buf = malloc(sizeof(float) * (2 * n_in + n_out));
     if (!buf) return kvp_err_set(err, KVP_ENOMEM, "predictor: out of memory for %d tokens", n_tok);
-    float *xk = buf, *xv = xk + n_in, *yk = xv + n_in, *yv = yk + n_out;
+    float *xk = buf, *xv = xk + n_in, *y = xv + n_in;
     for (int a = 0; a < p->aux.n_layer && !rc; a++) {
-        int used = 0;
-        for (int l = 0; l < p->base.n_layer && !rc; l++) {
-            if (p->layer_map[l] != a) continue;
-            if (!used++) rc = kvp_kvcache_read(aux, a, pos0, n_tok, xk, xv, err);
-            if (rc) break;
-            kvp_predictor_apply_layer(p, l, n_tok, xk, xv, yk, yv);
-            rc = kvp_kvcache_write(base, l, pos0, n_tok, yk, yv, err);
+        int first, g = group_of(p, a, &first);
+        if (!g) continue;
+        const int ld = g * p->d_out;
+        for (int t0 = 0; t0 < n_tok && !rc; t0 += rows) {
+            const int n = n_tok - t0 < rows ? n_tok - t0 : rows;
+            rc = kvp_kvcache_read(aux, a, pos0 + t0, n, xk, xv, err);
+            for (int kv = 0; kv < 2 && !rc; kv++) {
+                const float *w = kv ? p->layers[first].v_w : p->layers[first].k_w;
+                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, ld, p->d_in, 1.0f,
+                            kv ? xv : xk, p->d_in, w, p->d_in, 0.0f, y, ld);
+                for (int l = first, j = 0; l < p->base.n_layer && !rc; l++) {
+                    if (p->layer_map[l] != a) continue;
+                    const kvp_predictor_layer_t *L = &p->layers[l];
+                    const float *yj = y + (size_t)j++ * p->d_out;
+                    rc = kv ? kvp_kvcache_write_rows(base, l, pos0 + t0, n, NULL, 0, NULL, yj, ld,
+                                                     L->v_b, err)
+                            : kvp_kvcache_write_rows(base, l, pos0 + t0, n, yj, ld, L->k_b, NULL, 0,
+                                                     NULL, err);
+                }
+            }
         }
     }
     free(buf);

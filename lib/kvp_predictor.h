@@ -60,12 +60,20 @@ typedef struct kvp_predictor {
     kvp_kv_shape_t aux, base;
     int d_in, d_out;    /* aux and base n_kv_head * head_dim */
     int32_t *layer_map; /* [base.n_layer]: aux layer feeding base layer l */
-    float *params;      /* arena: per base layer k_w, k_b, v_w, v_b */
+    float *params;      /* arena, grouped by aux layer (see below) */
     size_t n_params;
     kvp_predictor_layer_t *layers;                  /* [base.n_layer] */
     char aux_fingerprint[17], base_fingerprint[17]; /* "" = not bound to a model */
     kvp_predictor_fitinfo_t *fit;
 } kvp_predictor_t;
+
+/* The arena: for each aux layer a in turn, the k_w of every base layer l with
+ * layer_map[l] == a (increasing l), then their v_w, their k_b, their v_b. So
+ * one aux layer's K weights form one [n_group * d_out][d_in] matrix and its
+ * base layers are predicted with one sgemm. The layout follows from the layer
+ * map, which is therefore fixed at creation; code outside this module reaches
+ * weights only through the views in layers[] (offsets from params computed
+ * from a view are fine, e.g. for gradients laid out as params). */
 
 /* The KV shape of a model. */
 kvp_kv_shape_t kvp_kv_shape_of(const kvp_model_t *m);

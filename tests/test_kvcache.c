@@ -1,7 +1,8 @@
 /* Tests for kvp_kvcache: un-rotated keys and values round-trip through
  * write/read, the stored keys are the RoPE-rotated ones at the documented
- * [n_kv_head][cap][head_dim] layout, the model's store() path, and every
- * range and shape check with its message. */
+ * [n_kv_head][cap][head_dim] layout, the cache's cos/sin table rotates bit for
+ * bit as kvp_rope does per call, write_rows (strides and bias), the model's
+ * store() path, and every range and shape check with its message. */
 #include <limits.h>
 #include <math.h>
 #include <setjmp.h>
@@ -143,6 +144,85 @@ static void write_stores_rotated_keys_head_major(void **state) {
     free(k);
     free(v);
     kvp_kvcache_free(&c);
+}
+
+/* The per-cache cos/sin table must not change a single bit against rotating
+ * with kvp_rope per call (what write/read did before the table): cached keys
+ * written by one version are read by the other. Far positions too, where the
+ * angles are large. */
+static void rope_table_rotates_bit_for_bit_as_kvp_rope(void **state) {
+    (void)state;
+    const int rope_dims[] = {HEAD_DIM, 4}; /* full, partial */
+    const int cap = 5000, pos0s[] = {0, 3, cap - 9};
+    for (int ri = 0; ri < 2; ri++)
+        for (int pi = 0; pi < 3; pi++) {
+            const int rope_dim = rope_dims[ri], pos0 = pos0s[pi], n_tok = 9, layer = 2;
+            float inv_freq[HEAD_DIM / 2];
+            kvp_kvcache_t *c = new_cache(rope_dim, cap, inv_freq);
+            float *k = rand_rows(n_tok, WIDTH), *v = rand_rows(n_tok, WIDTH);
+            float *got = rand_rows(n_tok, WIDTH);
+            kvp_err_t err = {0};
+            assert_int_equal(kvp_kvcache_write(c, layer, pos0, n_tok, k, v, &err), KVP_OK);
+            const float *kb = kvp_kvcache_k(c, layer);
+            for (int t = 0; t < n_tok; t++) {
+                float cs[HEAD_DIM], want[WIDTH];
+                kvp_rope_table(cs, rope_dim, pos0 + t, inv_freq);
+                assert_memory_equal(kvp_kvcache_rope_cs(c, pos0 + t), cs,
+                                    sizeof(float) * (size_t)rope_dim);
+                /* write: the stored key is kvp_rope's rotation of the row */
+                memcpy(want, k + (size_t)t * WIDTH, sizeof want);
+                kvp_rope(want, N_KV_HEAD, HEAD_DIM, rope_dim, pos0 + t, inv_freq, 1.0f);
+                for (int h = 0; h < N_KV_HEAD; h++)
+                    assert_memory_equal(kb + ((size_t)h * cap + pos0 + t) * HEAD_DIM,
+                                        want + h * HEAD_DIM, sizeof(float) * HEAD_DIM);
+            }
+            /* read: kvp_rope's inverse rotation of the stored key */
+            assert_int_equal(kvp_kvcache_read(c, layer, pos0, n_tok, got, NULL, &err), KVP_OK);
+            for (int t = 0; t < n_tok; t++) {
+                float want[WIDTH];
+                for (int h = 0; h < N_KV_HEAD; h++)
+                    memcpy(want + h * HEAD_DIM, kb + ((size_t)h * cap + pos0 + t) * HEAD_DIM,
+                           sizeof(float) * HEAD_DIM);
+                kvp_rope(want, N_KV_HEAD, HEAD_DIM, rope_dim, pos0 + t, inv_freq, -1.0f);
+                assert_memory_equal(got + (size_t)t * WIDTH, want, sizeof want);
+            }
+            free(k), free(v), free(got);
+            kvp_kvcache_free(&c);
+        }
+}
+
+/* write_rows with strided rows and a bias stores what write stores for the
+ * rows with the bias added first; NULL k or v leaves that half alone. */
+static void write_rows_equals_adding_the_bias_then_writing(void **state) {
+    (void)state;
+    float inv_freq[HEAD_DIM / 2];
+    kvp_kvcache_t *a = new_cache(4, CAP, inv_freq), *b = new_cache(4, CAP, inv_freq);
+    const int pos0 = 6, n_tok = 5, layer = 1, ld = 3 * WIDTH + 1;
+    float *k = rand_rows(n_tok, ld), *v = rand_rows(n_tok, ld);
+    float *kb = rand_rows(1, WIDTH), *vb = rand_rows(1, WIDTH);
+    float *k2 = rand_rows(n_tok, WIDTH), *v2 = rand_rows(n_tok, WIDTH);
+    for (int t = 0; t < n_tok; t++)
+        for (int i = 0; i < WIDTH; i++) {
+            k2[t * WIDTH + i] = k[(size_t)t * ld + i] + kb[i];
+            v2[t * WIDTH + i] = v[(size_t)t * ld + i] + vb[i];
+        }
+    kvp_err_t err = {0};
+    assert_int_equal(kvp_kvcache_write_rows(a, layer, pos0, n_tok, k, ld, kb, NULL, 0, NULL, &err),
+                     KVP_OK);
+    assert_true(all_zero(a->v, (size_t)N_LAYER * N_KV_HEAD * CAP * HEAD_DIM));
+    assert_int_equal(kvp_kvcache_write_rows(a, layer, pos0, n_tok, NULL, 0, NULL, v, ld, vb, &err),
+                     KVP_OK);
+    assert_int_equal(kvp_kvcache_write(b, layer, pos0, n_tok, k2, v2, &err), KVP_OK);
+    size_t n = (size_t)N_LAYER * N_KV_HEAD * CAP * HEAD_DIM;
+    assert_memory_equal(a->k, b->k, sizeof(float) * n);
+    assert_memory_equal(a->v, b->v, sizeof(float) * n);
+    /* and its range is checked like write's */
+    assert_int_equal(kvp_kvcache_write_rows(a, layer, CAP - 2, 3, k, ld, kb, v, ld, vb, &err),
+                     KVP_ERANGE);
+    assert_int_equal(kvp_kvcache_check_range(a, layer, CAP - 3, 3, &err), KVP_OK);
+    assert_int_equal(kvp_kvcache_check_range(a, N_LAYER, 0, 1, &err), KVP_ERANGE);
+    free(k), free(v), free(kb), free(vb), free(k2), free(v2);
+    kvp_kvcache_free(&a), kvp_kvcache_free(&b);
 }
 
 static void store_places_rotated_rows_with_strides(void **state) {
@@ -304,6 +384,8 @@ int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(write_then_read_returns_unrotated_keys_and_values),
         cmocka_unit_test(write_stores_rotated_keys_head_major),
+        cmocka_unit_test(rope_table_rotates_bit_for_bit_as_kvp_rope),
+        cmocka_unit_test(write_rows_equals_adding_the_bias_then_writing),
         cmocka_unit_test(store_places_rotated_rows_with_strides),
         cmocka_unit_test(write_and_read_reject_ranges_outside_the_cache),
         cmocka_unit_test(write_and_read_accept_ranges_up_to_the_capacity),

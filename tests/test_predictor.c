@@ -1,8 +1,10 @@
 /* Tests of lib/kvp_predictor: the default layer map, chunked against whole
- * application, the perfect (identity) predictor through the base model, the
- * ridge fit recovering an exact linear map (in one chunk or many), the
- * analytic validation error, the file round trip, and refusal of a wrong
- * model pair and of malformed files. */
+ * application, the arena grouped by aux layer, the cache path against a plain
+ * reference on an uneven layer map, the perfect (identity) predictor through
+ * the base model, the ridge fit recovering an exact linear map (in one chunk
+ * or many), the analytic validation error, the file round trip (also with an
+ * uneven map), refusal of a wrong model pair and of malformed files, and
+ * refusal of a training checkpoint from before the grouped arena. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -16,10 +18,17 @@
 
 #include <cmocka.h>
 
+#include "kvp_ckpt.h"
 #include "kvp_gguf.h"
+#include "kvp_kvptrain.h"
 #include "kvp_model.h"
+#include "kvp_ops.h"
 #include "kvp_predictor.h"
 #include "kvp_rng.h"
+#include "kvp_tokenizer.h"
+#include "kvp_trainer.h"
+
+#include "kvp_test_util.h"
 
 static const kvp_kv_shape_t AUX = {2, 2, 8};  /* d_in 16 */
 static const kvp_kv_shape_t BASE = {3, 3, 4}; /* d_out 12 */
@@ -74,14 +83,20 @@ static void tmp_path(char *buf, size_t cap, const char *name) {
     snprintf(buf, cap, "%s/test_predictor_%d_%s", dir, (int)getpid(), name);
 }
 
-static kvp_predictor_t *random_predictor(kvp_kv_shape_t aux, kvp_kv_shape_t base, uint64_t seed) {
+/* map NULL: the default layer map */
+static kvp_predictor_t *random_predictor_map(kvp_kv_shape_t aux, kvp_kv_shape_t base,
+                                             const int32_t *map, uint64_t seed) {
     kvp_predictor_t *p;
     kvp_err_t err = {0};
-    if (kvp_predictor_new(&p, aux, base, NULL, &err)) fail_msg("%s", err.msg);
+    if (kvp_predictor_new(&p, aux, base, map, &err)) fail_msg("%s", err.msg);
     kvp_rng_t r;
     kvp_rng_seed(&r, seed);
     fill_randn(p->params, p->n_params, 0.3f, &r);
     return p;
+}
+
+static kvp_predictor_t *random_predictor(kvp_kv_shape_t aux, kvp_kv_shape_t base, uint64_t seed) {
+    return random_predictor_map(aux, base, NULL, seed);
 }
 
 /* ---- synthetic data: base K/V an exact linear function of aux K/V ------ */
@@ -281,6 +296,243 @@ static void test_identity_predictor_gives_base_prefill_logits(void **state) {
     kvp_model_ctx_free(&ctx);
     kvp_predictor_free(&p);
     kvp_model_free(&m);
+}
+
+/* ---- an uneven layer map -------------------------------------------------- */
+
+/* aux layer 1 feeds base layers 0 and 2, aux 0 feeds 1 and 3, aux 2 feeds 4:
+ * groups that are neither contiguous in l nor in map order */
+static const kvp_kv_shape_t UAUX = {3, 2, 8};  /* d_in 16 */
+static const kvp_kv_shape_t UBASE = {5, 3, 4}; /* d_out 12 */
+static const int32_t UMAP[5] = {1, 0, 1, 0, 2};
+enum { UCAP = 320 };
+
+/* A cache of shape s, partial RoPE (4 of head_dim) */
+static kvp_kvcache_t *uneven_cache(kvp_kv_shape_t s) {
+    float inv_freq[2];
+    kvp_rope_inv_freq(inv_freq, 4, 10000.0f, NULL);
+    kvp_kvcache_t *c;
+    kvp_err_t err = {0};
+    if (kvp_kvcache_new(&c, s.n_layer, s.n_kv_head, s.head_dim, UCAP, 4, inv_freq, &err))
+        fail_msg("%s", err.msg);
+    return c;
+}
+
+/* The views cover the arena exactly once, and a group's K weights (likewise
+ * V weights, K and V biases) are adjacent in increasing base layer: aux 0's
+ * block (layers 1, 3) first, then aux 1's (0, 2), then aux 2's (4). */
+static void test_arena_is_grouped_by_aux_layer(void **state) {
+    (void)state;
+    kvp_predictor_t *p = random_predictor_map(UAUX, UBASE, UMAP, 20);
+    const size_t nw = (size_t)p->d_out * p->d_in, nb = (size_t)p->d_out;
+    unsigned char *seen = calloc(p->n_params, 1);
+    for (int l = 0; l < 5; l++) {
+        const kvp_predictor_layer_t *L = &p->layers[l];
+        const float *t[4] = {L->k_w, L->k_b, L->v_w, L->v_b};
+        for (int i = 0; i < 4; i++)
+            for (size_t j = 0; j < (i % 2 ? nb : nw); j++) {
+                size_t at = (size_t)(t[i] - p->params) + j;
+                assert_true(at < p->n_params);
+                assert_int_equal(seen[at]++, 0);
+            }
+    }
+    for (size_t i = 0; i < p->n_params; i++)
+        assert_int_equal(seen[i], 1);
+    free(seen);
+    const kvp_predictor_layer_t *L = p->layers;
+    assert_ptr_equal(L[1].k_w, p->params);
+    assert_ptr_equal(L[3].k_w, L[1].k_w + nw);
+    assert_ptr_equal(L[1].v_w, L[3].k_w + nw);
+    assert_ptr_equal(L[3].v_w, L[1].v_w + nw);
+    assert_ptr_equal(L[1].k_b, L[3].v_w + nw);
+    assert_ptr_equal(L[3].k_b, L[1].k_b + nb);
+    assert_ptr_equal(L[1].v_b, L[3].k_b + nb);
+    assert_ptr_equal(L[3].v_b, L[1].v_b + nb);
+    assert_ptr_equal(L[0].k_w, L[3].v_b + nb);
+    assert_ptr_equal(L[2].k_w, L[0].k_w + nw);
+    assert_ptr_equal(L[4].v_b + nb, p->params + p->n_params);
+    kvp_predictor_free(&p);
+    /* the identity predictor's map is i -> i, with W = I through the views */
+    kvp_err_t err = {0};
+    assert_int_equal(kvp_predictor_new_identity(&p, UBASE, &err), 0);
+    for (int l = 0; l < 5; l++) {
+        assert_int_equal(p->layer_map[l], l);
+        assert_true(p->layers[l].k_w[1 * p->d_in + 1] == 1.0f && p->layers[l].k_w[1] == 0.0f);
+        assert_true(p->layers[l].v_w[5 * p->d_in + 5] == 1.0f && p->layers[l].v_b[5] == 0.0f);
+    }
+    kvp_predictor_free(&p);
+}
+
+/* apply_cache on the uneven map equals, for every base layer, the map written
+ * out in double on the aux rows it reads; positions outside the span stay
+ * untouched. 300 tokens: more than one of apply_cache's passes. */
+static void test_apply_cache_matches_plain_reference_on_uneven_map(void **state) {
+    (void)state;
+    kvp_predictor_t *p = random_predictor_map(UAUX, UBASE, UMAP, 21);
+    kvp_kvcache_t *aux = uneven_cache(UAUX), *base = uneven_cache(UBASE);
+    kvp_rng_t r;
+    kvp_rng_seed(&r, 22);
+    const int pos0 = 7, n = 300, d_in = p->d_in, d_out = p->d_out;
+    kvp_err_t err = {0};
+    for (int a = 0; a < 3; a++) {
+        float *k = randn((size_t)UCAP * d_in, 1.0f, &r), *v = randn((size_t)UCAP * d_in, 1.0f, &r);
+        assert_int_equal(kvp_kvcache_write(aux, a, 0, UCAP, k, v, &err), 0);
+        free(k), free(v);
+    }
+    assert_int_equal(kvp_predictor_apply_cache(p, aux, base, pos0, n, &err), 0);
+    float *xk = malloc(sizeof(float) * n * d_in), *xv = malloc(sizeof(float) * n * d_in);
+    float *gk = malloc(sizeof(float) * n * d_out), *gv = malloc(sizeof(float) * n * d_out);
+    float *wk = malloc(sizeof(float) * n * d_out), *wv = malloc(sizeof(float) * n * d_out);
+    for (int l = 0; l < 5; l++) {
+        const kvp_predictor_layer_t *L = &p->layers[l];
+        assert_int_equal(kvp_kvcache_read(aux, UMAP[l], pos0, n, xk, xv, &err), 0);
+        for (int t = 0; t < n; t++)
+            for (int o = 0; o < d_out; o++) {
+                double yk = L->k_b[o], yv = L->v_b[o];
+                for (int i = 0; i < d_in; i++) {
+                    yk += (double)L->k_w[o * d_in + i] * xk[t * d_in + i];
+                    yv += (double)L->v_w[o * d_in + i] * xv[t * d_in + i];
+                }
+                wk[t * d_out + o] = (float)yk, wv[t * d_out + o] = (float)yv;
+            }
+        assert_int_equal(kvp_kvcache_read(base, l, pos0, n, gk, gv, &err), 0);
+        double ek = rel_err(gk, wk, (size_t)n * d_out), ev = rel_err(gv, wv, (size_t)n * d_out);
+        if (ek > 1e-4 || ev > 1e-4) fail_msg("base layer %d: K error %g, V error %g", l, ek, ev);
+        /* positions before and after the span were not written */
+        for (int h = 0; h < UBASE.n_kv_head; h++) {
+            const float *kh = kvp_kvcache_k(base, l) + (size_t)h * UCAP * UBASE.head_dim;
+            const float *vh = kvp_kvcache_v(base, l) + (size_t)h * UCAP * UBASE.head_dim;
+            for (int pos = 0; pos < UCAP; pos++) {
+                if (pos >= pos0 && pos < pos0 + n) continue;
+                for (int i = 0; i < UBASE.head_dim; i++)
+                    assert_true(kh[pos * UBASE.head_dim + i] == 0 &&
+                                vh[pos * UBASE.head_dim + i] == 0);
+            }
+        }
+    }
+    /* a span past the base cache's end is refused before anything is written */
+    kvp_kvcache_t *fresh = uneven_cache(UBASE);
+    assert_int_equal(kvp_predictor_apply_cache(p, aux, fresh, UCAP - 10, 11, &err), KVP_ERANGE);
+    for (size_t i = 0; i < (size_t)5 * 3 * UCAP * 4; i++)
+        assert_true(fresh->k[i] == 0 && fresh->v[i] == 0);
+    kvp_kvcache_free(&fresh);
+    free(xk), free(xv), free(gk), free(gv), free(wk), free(wv);
+    kvp_kvcache_free(&aux), kvp_kvcache_free(&base);
+    kvp_predictor_free(&p);
+}
+
+/* A predictor with the uneven map, saved and loaded, has the same map and
+ * weights per layer and fills a base cache bit for bit as the original. */
+static void test_save_load_with_uneven_map_gives_identical_outputs(void **state) {
+    (void)state;
+    kvp_predictor_t *p = random_predictor_map(UAUX, UBASE, UMAP, 23), *q;
+    char path[512];
+    tmp_path(path, sizeof path, "uneven.gguf");
+    kvp_err_t err = {0};
+    assert_int_equal(kvp_predictor_save(p, path, &err), 0);
+    if (kvp_predictor_load(&q, path, &err)) fail_msg("%s", err.msg);
+    unlink(path);
+    assert_memory_equal(q->layer_map, UMAP, sizeof UMAP);
+    const size_t nw = (size_t)p->d_out * p->d_in, nb = (size_t)p->d_out;
+    for (int l = 0; l < 5; l++) {
+        assert_memory_equal(q->layers[l].k_w, p->layers[l].k_w, sizeof(float) * nw);
+        assert_memory_equal(q->layers[l].v_w, p->layers[l].v_w, sizeof(float) * nw);
+        assert_memory_equal(q->layers[l].k_b, p->layers[l].k_b, sizeof(float) * nb);
+        assert_memory_equal(q->layers[l].v_b, p->layers[l].v_b, sizeof(float) * nb);
+    }
+    kvp_kvcache_t *aux = uneven_cache(UAUX), *b1 = uneven_cache(UBASE), *b2 = uneven_cache(UBASE);
+    kvp_rng_t r;
+    kvp_rng_seed(&r, 24);
+    for (int a = 0; a < 3; a++) {
+        float *k = randn((size_t)UCAP * p->d_in, 1.0f, &r);
+        float *v = randn((size_t)UCAP * p->d_in, 1.0f, &r);
+        assert_int_equal(kvp_kvcache_write(aux, a, 0, UCAP, k, v, &err), 0);
+        free(k), free(v);
+    }
+    assert_int_equal(kvp_predictor_apply_cache(p, aux, b1, 3, 100, &err), 0);
+    assert_int_equal(kvp_predictor_apply_cache(q, aux, b2, 3, 100, &err), 0);
+    size_t sz = sizeof(float) * 5 * 3 * UCAP * 4;
+    assert_memory_equal(b1->k, b2->k, sz);
+    assert_memory_equal(b1->v, b2->v, sz);
+    kvp_kvcache_free(&aux), kvp_kvcache_free(&b1), kvp_kvcache_free(&b2);
+    kvp_predictor_free(&q), kvp_predictor_free(&p);
+}
+
+/* ---- the KV-prediction trainer's checkpoint ------------------------------- */
+
+/* A checkpoint of train-kvp holds the raw arena; one written before the arena
+ * was grouped by aux layer (no "pred.layout" section) must be refused on
+ * resume with a message naming the reason, not read as grouped. (Here rather
+ * than in test_kvptrain.c: the layout is this module's.) */
+static void make_kvp_run(kvp_model_t **aux, kvp_model_t **base, kvp_predictor_t **p) {
+    kvp_model_config_t bc = {.n_vocab = kvp_tokenizer_bytelevel_n_vocab(0),
+                             .n_embd = 16,
+                             .n_layer = 2,
+                             .n_head = 2,
+                             .n_ff = 32,
+                             .n_ctx_train = 16,
+                             .tied_output = true};
+    kvp_model_config_t ac = bc;
+    ac.n_layer = 1;
+    *base = kvp_test_model(bc, 30, 0.1f);
+    *aux = kvp_test_model(ac, 31, 0.1f);
+    kvp_err_t err = {0};
+    if (kvp_predictor_new(p, kvp_kv_shape_of(*aux), kvp_kv_shape_of(*base), NULL, &err))
+        fail_msg("%s", err.msg);
+    kvp_kvptrain_init_predictor(*p, 32);
+}
+
+static int run_kvp(kvp_corpus_t *c, kvp_trainer_config_t *t, kvp_err_t *err) {
+    kvp_model_t *aux, *base;
+    kvp_predictor_t *p;
+    make_kvp_run(&aux, &base, &p);
+    kvp_kvptrain_weights_t w;
+    kvp_kvptrain_weights_default(&w);
+    kvp_kvptrain_result_t r;
+    int rc = kvp_kvptrain_run(aux, base, p, c, t, &w, &r, err);
+    if (!rc && t->resume) assert_true(r.resumed);
+    kvp_predictor_free(&p);
+    kvp_model_free(&aux), kvp_model_free(&base);
+    return rc;
+}
+
+static void test_kvptrain_refuses_checkpoint_before_grouped_layout(void **state) {
+    (void)state;
+    kvp_test_scratch_t s;
+    kvp_test_scratch_init(&s, "test_predictor_ckpt");
+    kvp_corpus_t *c = kvp_test_load_corpus(s.corpus);
+    kvp_trainer_config_t t;
+    kvp_trainer_config_default(&t);
+    t.batch = 2, t.ctx = 16, t.steps = 4, t.warmup = 1, t.seed = 33;
+    t.eval_every = 0, t.eval_tokens = 64, t.final_eval_tokens = 64;
+    t.ckpt_path = kvp_test_path(&s, "run.ckpt");
+    t.ckpt_every = 1;
+    t.stop_after = 2;
+    kvp_err_t err = {0};
+    if (run_kvp(c, &t, &err)) fail_msg("first run: %s", err.msg);
+    /* a current checkpoint resumes */
+    t.resume = true, t.stop_after = 3;
+    if (run_kvp(c, &t, &err)) fail_msg("resume: %s", err.msg);
+    /* the same without its layout section: what older versions wrote */
+    static const char *const names[] = {"meta",       "rng",        "aux.params",  "pred.params",
+                                        "aux.adam.m", "aux.adam.v", "pred.adam.m", "pred.adam.v"};
+    kvp_ckpt_t *ck;
+    assert_int_equal(kvp_ckpt_read(&ck, t.ckpt_path, &err), 0);
+    uint64_t n;
+    assert_non_null(kvp_ckpt_find(ck, "pred.layout", &n));
+    kvp_ckpt_section_t sec[8];
+    for (int i = 0; i < 8; i++) {
+        sec[i].name = names[i];
+        sec[i].data = kvp_ckpt_find(ck, names[i], &sec[i].size);
+        assert_non_null(sec[i].data);
+    }
+    assert_int_equal(kvp_ckpt_write(t.ckpt_path, sec, 8, &err), 0);
+    kvp_ckpt_free(&ck);
+    t.stop_after = 0;
+    assert_int_equal(run_kvp(c, &t, &err), KVP_EUNSUPPORTED);
+    assert_non_null(strstr(err.msg, "predates the grouped predictor layout; restart training"));
+    kvp_corpus_free(&c);
+    assert_int_equal(kvp_test_scratch_remove(&s), 0);
 }
 
 static void assert_predictors_close(const kvp_predictor_t *a, const kvp_predictor_t *b,
@@ -561,6 +813,9 @@ int main(void) {
         cmocka_unit_test(test_default_layer_map_known_values),
         cmocka_unit_test(test_apply_in_chunks_equals_at_once),
         cmocka_unit_test(test_apply_cache_in_chunks_equals_at_once),
+        cmocka_unit_test(test_arena_is_grouped_by_aux_layer),
+        cmocka_unit_test(test_apply_cache_matches_plain_reference_on_uneven_map),
+        cmocka_unit_test(test_save_load_with_uneven_map_gives_identical_outputs),
         cmocka_unit_test(test_identity_predictor_gives_base_prefill_logits),
         cmocka_unit_test(test_fit_recovers_exact_linear_map),
         cmocka_unit_test(test_fit_in_chunks_equals_one_chunk),
@@ -568,6 +823,7 @@ int main(void) {
         cmocka_unit_test(test_save_load_round_trip_is_exact),
         cmocka_unit_test(test_other_model_pair_is_refused),
         cmocka_unit_test(test_malformed_files_are_refused),
+        cmocka_unit_test(test_kvptrain_refuses_checkpoint_before_grouped_layout),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
