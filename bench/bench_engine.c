@@ -1,8 +1,9 @@
 /* kvpred bench engine: OpenBLAS sgemm GFLOP/s on this machine, then the
  * engine's prefill and decode speed on a ~110M-parameter Llama-shape model
- * stored as F32, F16 and BF16 GGUF files, in one run so the ratios compare
- * like with like. Decode of an F16 or BF16 file runs on the model's 16-bit
- * copy of its weights (kvp_matvec16), so it streams half the bytes. */
+ * stored as F32, F16, BF16 and Q8_0 GGUF files, in one run so the ratios
+ * compare like with like. Decode of an F16, BF16 or Q8_0 file runs on the
+ * model's copy of its weights in that type (kvp_matvec16), so it streams
+ * half the bytes of f32 (F16/BF16) or 34 for every 128 (Q8_0). */
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,11 +35,11 @@ static void usage(FILE *f) {
                "  Measures sgemm GFLOP/s, then prefill of an N-token prompt (default 512) and\n"
                "  decode of N tokens (default 64) on a random-weight 110M Llama-shape model\n"
                "  (12 layers, d 768, 12 heads, ffn 2048, vocab 32000, tied output) written as\n"
-               "  GGUF files of each type in DIR (default /tmp/kvpred-bench). F16 and BF16\n"
-               "  files decode on 16-bit weights, F32 and Q8_0 on f32 (sgemv). --small uses\n"
-               "  a tiny model (for a quick check).\n");
+               "  GGUF files of each type in DIR (default /tmp/kvpred-bench; all four types\n"
+               "  by default). F16, BF16 and Q8_0 files decode on the file's weights\n"
+               "  (16-bit values, Q8_0 blocks), F32 on f32 (sgemv); prefill is f32 sgemm\n"
+               "  for all. --small uses a tiny model (for a quick check).\n");
 }
-
 
 /* GB/s of reading a buffer much larger than the caches (what decode of an
  * F32 model must do with its weights every token), best of reps. */
@@ -58,16 +59,15 @@ static double read_bandwidth(size_t bytes, int reps) {
         for (size_t off = 0; off < rows; off += 65536) {
             int m = (int)(rows - off < 65536 ? rows - off : 65536);
             float *yy = malloc(sizeof(float) * (size_t)m);
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, m, 256, 1.0f, a + off * 256, 256, x, 1,
-                        0.0f, yy, 1);
+            cblas_sgemv(CblasRowMajor, CblasNoTrans, m, 256, 1.0f, a + off * 256, 256, x, 1, 0.0f,
+                        yy, 1);
             sink += yy[0];
             free(yy);
         }
         y[0] = (float)sink;
         (void)y;
         double dt = kvp_now() - t0;
-        if (r && dt < best)
-            best = dt;
+        if (r && dt < best) best = dt;
     }
     free(a);
     return (double)bytes / best / 1e9;
@@ -87,14 +87,14 @@ typedef struct {
     const char *type;
     double load_s, prefill_s, prefill_tps, prefill_gflops, decode_tps;
     double step_bytes; /* weight bytes a decode step streams */
-    char path[40];     /* how decode multiplies: "sgemv f32" or e.g. "avx512 bf16 x2" */
+    char path[40];     /* how decode multiplies: "sgemv f32" or e.g. "avx512 q8_0 x2" */
 } result_t;
 
 static void describe_path(const kvp_model_t *m, const kvp_model_ctx_t *ctx, char *buf, size_t cap) {
     const kvp_matvec16_t *mv = kvp_model_ctx_matvec16(ctx);
     if (m->params16 && mv)
-        snprintf(buf, cap, "%s %s x%d", kvp_matvec16_isa_name(mv),
-                 m->type16 == KVP_GGML_BF16 ? "bf16" : "f16", kvp_matvec16_threads(mv));
+        snprintf(buf, cap, "%s %s x%d", kvp_matvec16_isa_name(mv), kvp_ggml_type_name(m->type16),
+                 kvp_matvec16_threads(mv));
     else
         snprintf(buf, cap, "sgemv f32");
 }
@@ -182,7 +182,7 @@ static int parse_args(int argc, char **argv, opts_t *o) {
     *o = (opts_t){.b = {.reps = 3},
                   .prompt = 512,
                   .decode = 64,
-                  .types = "f32,f16,bf16",
+                  .types = "f32,f16,bf16,q8_0",
                   .dir = "/tmp/kvpred-bench",
                   .cfg = kvp_bench_config_110m()};
     int rc = kvp_bench_parse(argc, argv, lo, &o->b, own_opt, o, usage);
@@ -244,7 +244,8 @@ int kvp_bench_engine(int argc, char **argv) {
             break;
         }
         char path[512];
-        snprintf(path, sizeof path, "%s/bench-%zum-%s.gguf", o.dir, (n_params + 500000) / 1000000, tok);
+        snprintf(path, sizeof path, "%s/bench-%zum-%s.gguf", o.dir, (n_params + 500000) / 1000000,
+                 tok);
         printf("writing %s ...\n", path);
         fflush(stdout);
         result_t *r = &res[n_res];
@@ -261,7 +262,8 @@ int kvp_bench_engine(int argc, char **argv) {
     if (rc) return rc;
 
     /* decode reads every matrix once a token: 4 bytes a weight from the f32
-     * arena, 2 from the 16-bit copy an F16/BF16 file gives */
+     * arena, 2 from the 16-bit copy an F16/BF16 file gives, 34/32 from the
+     * blocks of a Q8_0 file */
     printf("\n%-6s %8s %12s %12s %10s %12s %16s %10s %12s\n", "type", "load s", "prefill ms",
            "prefill t/s", "GFLOP/s", "decode t/s", "decode path", "MB/token", "decode GB/s");
     for (int i = 0; i < n_res; i++)

@@ -2,9 +2,10 @@
  * Prediction's (auxiliary prefill + prediction + one base step) at several
  * prompt lengths, with the ratio of their TTFT FLOPs beside the ratio of
  * their times. Both run in this process on the same machine, one after the
- * other, so the ratio compares like with like. --dtype f16|bf16 gives the
- * base model 16-bit weights for its single-token step (kvp_matvec16); its
- * prefill stays on f32 sgemm but for the one row of its output head. */
+ * other, so the ratio compares like with like. --dtype f16|bf16|q8_0 gives
+ * the base model 16-bit or Q8_0 weights for its single-token step
+ * (kvp_matvec16); its prefill stays on f32 sgemm but for the one row of its
+ * output head. */
 #include <getopt.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,12 +36,13 @@ static void usage(FILE *f) {
     fprintf(f,
             "usage: kvpred bench kvp [--aux A.gguf --base B.gguf --predictor P.gguf]\n"
             "                        [--lens 128,512,2048] [--reps R] [--chunk C] [--json FILE]\n"
-            "                        [--dtype f32|f16|bf16]\n"
+            "                        [--dtype f32|f16|bf16|q8_0]\n"
             "  Without model files it uses random weights in the shapes of a 110M base\n"
             "  (12 layers, d 768) and a 4-layer d 384 auxiliary model: times do not depend\n"
             "  on what the weights are. --dtype: the base model's weights for its\n"
-            "  single-token step (default f32; f16/bf16 round the weights when the model\n"
-            "  does not already hold them in that type).\n");
+            "  single-token step (default f32; f16/bf16 round and q8_0 quantises the\n"
+            "  weights when the model does not already hold them in that type; q8_0\n"
+            "  leaves matrices whose rows are not a multiple of 32 on f32).\n");
 }
 
 /* bench kvp's own options: the base step's weight type and the chunk size. */
@@ -51,8 +53,8 @@ static int own_opt(void *own, int code, const char *arg) {
         o->chunk = atoi(arg);
         return 0;
     case 'd':
-        if (kvp_bench_parse_type(arg, &o->dtype) || o->dtype == KVP_GGML_Q8_0) {
-            fprintf(stderr, "kvpred bench kvp: --dtype is f32, f16 or bf16, not '%s'\n", arg);
+        if (kvp_bench_parse_type(arg, &o->dtype)) {
+            fprintf(stderr, "kvpred bench kvp: --dtype is f32, f16, bf16 or q8_0, not '%s'\n", arg);
             return 2;
         }
         return 0;
@@ -84,10 +86,10 @@ static int parse(int argc, char **argv, opts_t *o) {
     return 0;
 }
 
-/* Puts the base model's single-token step on o->dtype: f32 drops a 16-bit
- * copy a file gave it; f16/bf16 keep one of that type or round the weights
- * into one (after the predictor's pair check, which fingerprints the file's
- * weights: timing does not depend on the values). */
+/* Puts the base model's single-token step on o->dtype: f32 drops a compact
+ * copy a file gave it; f16/bf16/q8_0 keep one of that type or round the
+ * weights into one (after the predictor's pair check, which fingerprints the
+ * file's weights: timing does not depend on the values). */
 static int set_dtype(const opts_t *o, kvp_model_t *base, bool *rounded, kvp_err_t *err) {
     *rounded = false;
     if (o->dtype == KVP_GGML_F32) {

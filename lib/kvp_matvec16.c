@@ -40,9 +40,15 @@ enum { SPIN_US = 2000 };
  * this rule). */
 enum { STALL_US = 200, SOLO_MS = 100 };
 
+/* Bytes of a Q8_0 block: an f16 scale, then KVP_Q8_0_BLOCK int8. */
+enum { Q8_BYTES = 2 + KVP_Q8_0_BLOCK };
+
+/* The weight types a kernel distinguishes. */
+typedef enum wtype { W_F16, W_BF16, W_Q8 } wtype_t;
+
 /* rows [r0, r1) of y[n_tok][ldy] = x[n_tok][n_in] * w[][n_in]^T */
-typedef void (*rows_fn)(float *y, int ldy, const float *x, int n_tok, const uint16_t *w, int n_in,
-                        int r0, int r1, bool bf16);
+typedef void (*rows_fn)(float *y, int ldy, const float *x, int n_tok, const void *w, int n_in,
+                        int r0, int r1, wtype_t wt);
 
 static inline void cpu_relax(void) {
 #if defined(__x86_64__) || defined(__i386__)
@@ -94,12 +100,42 @@ static float plain_dot(const uint16_t *w, const float *x, int n, bool bf16) {
     return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7])) + tail;
 }
 
-static void plain_rows(float *y, int ldy, const float *x, int n_tok, const uint16_t *w, int n_in,
-                       int r0, int r1, bool bf16) {
+/* The scale of the Q8_0 block at b (little-endian f16, read bytewise: the
+ * kernel does not rely on the caller's alignment). */
+static inline uint16_t q8_scale_bits(const uint8_t *b) {
+    return (uint16_t)(b[0] | b[1] << 8);
+}
+
+/* A Q8_0 row against x, n a multiple of 32: each block dequantised (d * q is
+ * exact in f32: 11 bits of d times 8 of q) and added into the same eight
+ * partial sums as plain_dot. */
+static float plain_dot_q8(const uint8_t *b, const float *x, int n) {
+    float s[8] = {0};
+    for (int k = 0; k < n; k += KVP_Q8_0_BLOCK, b += Q8_BYTES) {
+        float d = f16_to_f32(q8_scale_bits(b));
+        const int8_t *q = (const int8_t *)(b + 2);
+        for (int j = 0; j < KVP_Q8_0_BLOCK; j += 8)
+            for (int i = 0; i < 8; i++)
+                s[i] += d * (float)q[j + i] * x[k + j + i];
+    }
+    return ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+}
+
+static void plain_rows(float *y, int ldy, const float *x, int n_tok, const void *w, int n_in,
+                       int r0, int r1, wtype_t wt) {
+    if (wt == W_Q8) {
+        const size_t row_bytes = (size_t)n_in / KVP_Q8_0_BLOCK * Q8_BYTES;
+        for (int r = r0; r < r1; r++)
+            for (int t = 0; t < n_tok; t++)
+                y[(size_t)t * ldy + r] = plain_dot_q8((const uint8_t *)w + (size_t)r * row_bytes,
+                                                      x + (size_t)t * n_in, n_in);
+        return;
+    }
+    const uint16_t *w16 = w;
     for (int r = r0; r < r1; r++)
         for (int t = 0; t < n_tok; t++)
             y[(size_t)t * ldy + r] =
-                plain_dot(w + (size_t)r * n_in, x + (size_t)t * n_in, n_in, bf16);
+                plain_dot(w16 + (size_t)r * n_in, x + (size_t)t * n_in, n_in, wt == W_BF16);
 }
 
 /* ---- AVX-512 ---------------------------------------------------------- */
@@ -167,8 +203,101 @@ INLINE AVX512 void avx512_rows_t(float *y, int ldy, const float *x, int K, const
         avx512_row(y + r, ldy, x, K, w + (size_t)r * K, T, bf16);
 }
 
-static AVX512 void avx512_rows(float *y, int ldy, const float *x, int n_tok, const uint16_t *w,
-                               int K, int r0, int r1, bool bf16) {
+/* 16 int8 weights to f32 (sign-extended from memory in one instruction). */
+INLINE AVX512 __m512 widen_q8(const uint8_t *q) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)q)));
+}
+
+/* The scale of the Q8_0 block at b, in every lane. */
+INLINE AVX512 __m512 q8_scale(const uint8_t *b) {
+    return _mm512_cvtph_ps(_mm256_set1_epi16((short)q8_scale_bits(b)));
+}
+
+/* A Q8_0 row against T token rows, as avx512_row: a block's 32 int8 are
+ * widened to f32 once and used T times. Each block's dot product with x is
+ * summed unscaled, then added to the accumulator times the block's scale d:
+ * one FMA-unit operation fewer per block and token than scaling the weights
+ * first (measured 21.3 against 18.7 G weights/s on one Zen 4 core with the
+ * matrix in cache; the conversions, not memory, bound this kernel on one
+ * core). q * x is exact in the one-hot case, and the sum differs from that
+ * of the dequantised weights only in rounding. Blocks alternate between two
+ * accumulators per token, which hides the FMA latency of the scaled adds.
+ * K is a multiple of 32: there is no tail of columns. */
+INLINE AVX512 void avx512_q8_row(float *y, int ldy, const float *x, int K, const uint8_t *b,
+                                 int T) {
+    __m512 acc[4][2];
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+        acc[t][0] = acc[t][1] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 2 * KVP_Q8_0_BLOCK <= K; k += 2 * KVP_Q8_0_BLOCK, b += 2 * Q8_BYTES) {
+#pragma GCC unroll 2
+        for (int h = 0; h < 2; h++) {
+            const uint8_t *bh = b + h * Q8_BYTES;
+            __m512 q0 = widen_q8(bh + 2), q1 = widen_q8(bh + 18), d = q8_scale(bh);
+#pragma GCC unroll 4
+            for (int t = 0; t < T; t++) {
+                const float *xt = x + (size_t)t * K + k + h * KVP_Q8_0_BLOCK;
+                __m512 s = _mm512_mul_ps(q0, _mm512_loadu_ps(xt));
+                s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xt + 16), s);
+                acc[t][h] = _mm512_fmadd_ps(d, s, acc[t][h]);
+            }
+        }
+    }
+    if (k < K) { /* an odd number of blocks: the last one */
+        __m512 q0 = widen_q8(b + 2), q1 = widen_q8(b + 18), d = q8_scale(b);
+#pragma GCC unroll 4
+        for (int t = 0; t < T; t++) {
+            const float *xt = x + (size_t)t * K + k;
+            __m512 s = _mm512_mul_ps(q0, _mm512_loadu_ps(xt));
+            s = _mm512_fmadd_ps(q1, _mm512_loadu_ps(xt + 16), s);
+            acc[t][0] = _mm512_fmadd_ps(d, s, acc[t][0]);
+        }
+    }
+#pragma GCC unroll 4
+    for (int t = 0; t < T; t++)
+        y[(size_t)t * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(acc[t][0], acc[t][1]));
+}
+
+INLINE AVX512 void avx512_q8_rows_t(float *y, int ldy, const float *x, int K, const uint8_t *w,
+                                    int r0, int r1, int T) {
+    const size_t row_bytes = (size_t)K / KVP_Q8_0_BLOCK * Q8_BYTES;
+    for (int r = r0; r < r1; r++)
+        avx512_q8_row(y + r, ldy, x, K, w + (size_t)r * row_bytes, T);
+}
+
+/* Tiles of up to 4 tokens, one inlined copy per tile height so that the
+ * token loops unroll with constant bounds. */
+static AVX512 void avx512_q8_rows(float *y, int ldy, const float *x, int n_tok, const uint8_t *w,
+                                  int K, int r0, int r1) {
+    for (int t0 = 0; t0 < n_tok; t0 += 4) {
+        float *yt = y + (size_t)t0 * ldy;
+        const float *xt = x + (size_t)t0 * K;
+        switch (n_tok - t0 < 4 ? n_tok - t0 : 4) {
+        case 1:
+            avx512_q8_rows_t(yt, ldy, xt, K, w, r0, r1, 1);
+            break;
+        case 2:
+            avx512_q8_rows_t(yt, ldy, xt, K, w, r0, r1, 2);
+            break;
+        case 3:
+            avx512_q8_rows_t(yt, ldy, xt, K, w, r0, r1, 3);
+            break;
+        default:
+            avx512_q8_rows_t(yt, ldy, xt, K, w, r0, r1, 4);
+            break;
+        }
+    }
+}
+
+static AVX512 void avx512_rows(float *y, int ldy, const float *x, int n_tok, const void *wv, int K,
+                               int r0, int r1, wtype_t wt) {
+    if (wt == W_Q8) {
+        avx512_q8_rows(y, ldy, x, n_tok, wv, K, r0, r1);
+        return;
+    }
+    const uint16_t *w = wv;
+    const bool bf16 = wt == W_BF16;
     for (int t0 = 0; t0 < n_tok; t0 += 4) {
         float *yt = y + (size_t)t0 * ldy;
         const float *xt = x + (size_t)t0 * K;
@@ -219,8 +348,8 @@ bool kvp_matvec16_cpu_has_avx512(void) {
 typedef struct job {
     float *y;
     const float *x;
-    const uint16_t *w;
-    bool bf16;
+    const void *w;
+    wtype_t wt;
     int n_tok, n_in, n_out, n_chunks;
 } job_t;
 
@@ -258,7 +387,7 @@ static void run_chunks(kvp_matvec16_t *mv) {
     int c;
     while ((c = atomic_fetch_add_explicit(&mv->next, 1, memory_order_relaxed)) < j->n_chunks) {
         int r0 = c * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < j->n_out ? r0 + CHUNK_ROWS : j->n_out;
-        mv->rows(j->y, j->n_out, j->x, j->n_tok, j->w, j->n_in, r0, r1, j->bf16);
+        mv->rows(j->y, j->n_out, j->x, j->n_tok, j->w, j->n_in, r0, r1, j->wt);
         atomic_fetch_add_explicit(&mv->done, 1, memory_order_release);
     }
 }
@@ -362,18 +491,18 @@ void kvp_matvec16_free(kvp_matvec16_t **pmv) {
     *pmv = NULL;
 }
 
-void kvp_matvec16(kvp_matvec16_t *mv, float *y, const float *x, const uint16_t *w,
-                  kvp_ggml_type_t type, int n_tok, int n_in, int n_out) {
-    bool bf16 = type == KVP_GGML_BF16;
+void kvp_matvec16(kvp_matvec16_t *mv, float *y, const float *x, const void *w, kvp_ggml_type_t type,
+                  int n_tok, int n_in, int n_out) {
+    wtype_t wt = type == KVP_GGML_Q8_0 ? W_Q8 : type == KVP_GGML_BF16 ? W_BF16 : W_F16;
     int n_chunks = (n_out + CHUNK_ROWS - 1) / CHUNK_ROWS;
     if (mv->n_workers == 0 || n_chunks < 2 || (mv->solo_until > 0 && kvp_now() < mv->solo_until)) {
-        mv->rows(y, n_out, x, n_tok, w, n_in, 0, n_out, bf16);
+        mv->rows(y, n_out, x, n_tok, w, n_in, 0, n_out, wt);
         return;
     }
     mv->job = (job_t){.y = y,
                       .x = x,
                       .w = w,
-                      .bf16 = bf16,
+                      .wt = wt,
                       .n_tok = n_tok,
                       .n_in = n_in,
                       .n_out = n_out,

@@ -125,14 +125,64 @@ int kvp_model_new_random(kvp_model_t **out, const kvp_model_config_t *cfg_in, ui
     return KVP_OK;
 }
 
-/* ---- the 16-bit copy -------------------------------------------------- */
+/* ---- the compact copy ------------------------------------------------- */
 
-/* Elements of the 16-bit arena: every matrix a single-token step streams. */
-static size_t half_size(const kvp_model_config_t *c) {
-    size_t E = c->n_embd, nq = (size_t)c->n_head * c->head_dim,
-           nkv = (size_t)c->n_kv_head * c->head_dim, F = c->n_ff;
-    size_t per_layer = (nq + 2 * nkv) * E + E * nq + 2 * F * E + E * F;
-    return per_layer * c->n_layer + (size_t)c->n_vocab * E;
+/* 16-bit units of the copy of a rows x n_in matrix in `type`: one per value
+ * for F16/BF16, 17 per Q8_0 block (34 bytes); 0 when Q8_0 cannot hold the
+ * matrix (its blocks do not cross rows, so rows must be whole blocks). */
+static size_t copy_units(kvp_ggml_type_t type, size_t rows, size_t n_in) {
+    if (type != KVP_GGML_Q8_0) return rows * n_in;
+    if (n_in % KVP_Q8_0_BLOCK) return 0;
+    return rows * (size_t)kvp_ggml_type_nbytes(type, n_in) / sizeof(uint16_t);
+}
+
+/* The matrices a single-token step streams, as the forward pass uses them
+ * (Q/K/V fused, gate/up fused): 0 is the output head, then each layer's
+ * wqkv, wo, w_gate_up, w_down. */
+static int n_copy_mats(const kvp_model_config_t *c) {
+    return 1 + 4 * c->n_layer;
+}
+
+static void copy_shape(const kvp_model_config_t *c, int i, size_t *rows, size_t *n_in) {
+    const size_t E = c->n_embd, nq = (size_t)c->n_head * c->head_dim,
+                 nkv = (size_t)c->n_kv_head * c->head_dim, F = c->n_ff;
+    switch (i == 0 ? -1 : (i - 1) % 4) {
+    case -1: /* output head */
+        *rows = (size_t)c->n_vocab, *n_in = E;
+        break;
+    case 0: /* wqkv */
+        *rows = nq + 2 * nkv, *n_in = E;
+        break;
+    case 1: /* wo */
+        *rows = E, *n_in = nq;
+        break;
+    case 2: /* w_gate_up */
+        *rows = 2 * F, *n_in = E;
+        break;
+    default: /* w_down */
+        *rows = E, *n_in = F;
+        break;
+    }
+}
+
+typedef struct copy_mat {
+    float *f32;      /* the weights in the f32 arena */
+    uint16_t **copy; /* the field pointing at its copy */
+    size_t rows, n_in;
+} copy_mat_t;
+
+static copy_mat_t copy_mat(kvp_model_t *m, int i) {
+    copy_mat_t cm;
+    copy_shape(&m->cfg, i, &cm.rows, &cm.n_in);
+    if (i == 0) {
+        cm.f32 = m->output, cm.copy = &m->output16;
+        return cm;
+    }
+    kvp_layer_t *L = &m->layers[(i - 1) / 4];
+    float *f32[4] = {L->wqkv, L->wo, L->w_gate_up, L->w_down};
+    uint16_t **copy[4] = {&L->wqkv16, &L->wo16, &L->w_gate_up16, &L->w_down16};
+    cm.f32 = f32[(i - 1) % 4], cm.copy = copy[(i - 1) % 4];
+    return cm;
 }
 
 void kvp_model_drop_half(kvp_model_t *m) {
@@ -140,120 +190,124 @@ void kvp_model_drop_half(kvp_model_t *m) {
     m->params16 = NULL;
     m->n_params16 = 0;
     m->type16 = KVP_GGML_F32;
-    m->output16 = NULL;
-    for (int l = 0; l < m->cfg.n_layer; l++) {
-        kvp_layer_t *L = &m->layers[l];
-        L->wqkv16 = L->wo16 = L->w_gate_up16 = L->w_down16 = NULL;
-    }
+    for (int i = 0; i < n_copy_mats(&m->cfg); i++)
+        *copy_mat(m, i).copy = NULL;
 }
 
-/* A (new) 16-bit arena and its views, contents undefined. */
+/* A (new) arena for a copy of `type` and its views, contents undefined;
+ * matrices `type` cannot hold get no view. The old copy, if any, is dropped
+ * only once the new arena exists. */
 static int half_alloc(kvp_model_t *m, kvp_ggml_type_t type, kvp_err_t *err) {
-    kvp_model_drop_half(m);
-    const kvp_model_config_t *c = &m->cfg;
-    size_t n = half_size(c);
+    size_t n = 0, rows, n_in;
+    for (int i = 0; i < n_copy_mats(&m->cfg); i++) {
+        copy_shape(&m->cfg, i, &rows, &n_in);
+        n += copy_units(type, rows, n_in);
+    }
+    if (n == 0)
+        return kvp_err_set(err, KVP_EINVAL,
+                           "model: no matrix has rows of a multiple of %d values, so none can "
+                           "be %s",
+                           KVP_Q8_0_BLOCK, kvp_ggml_type_name(type));
     uint16_t *p = malloc(sizeof(uint16_t) * n);
     if (!p)
-        return kvp_err_set(err, KVP_ENOMEM, "model: cannot allocate %zu MiB of 16-bit weights",
-                           (sizeof(uint16_t) * n) >> 20);
+        return kvp_err_set(err, KVP_ENOMEM, "model: cannot allocate %zu MiB of %s weights",
+                           (sizeof(uint16_t) * n) >> 20, kvp_ggml_type_name(type));
+    kvp_model_drop_half(m);
     m->params16 = p;
     m->n_params16 = n;
     m->type16 = type;
-    size_t E = c->n_embd, nq = (size_t)c->n_head * c->head_dim,
-           nkv = (size_t)c->n_kv_head * c->head_dim, F = c->n_ff;
-    for (int l = 0; l < c->n_layer; l++) {
-        kvp_layer_t *L = &m->layers[l];
-        L->wqkv16 = p, p += (nq + 2 * nkv) * E;
-        L->wo16 = p, p += E * nq;
-        L->w_gate_up16 = p, p += 2 * F * E;
-        L->w_down16 = p, p += E * F;
+    for (int i = 0; i < n_copy_mats(&m->cfg); i++) {
+        copy_mat_t cm = copy_mat(m, i);
+        size_t u = copy_units(type, cm.rows, cm.n_in);
+        *cm.copy = u ? p : NULL;
+        p += u;
     }
-    m->output16 = p;
     return KVP_OK;
 }
 
-/* Called for each GGUF tensor the 16-bit arena holds: its name, where it
- * lives in the f32 arena and in the 16-bit one (NULL without a 16-bit
- * arena), and its number of elements. */
-typedef int (*half_mat_fn)(void *user, const char *name, float *f32, uint16_t *w16, size_t n,
-                           kvp_err_t *err);
+/* Called for each GGUF tensor the copy holds: its name and where its copy
+ * starts (NULL when it has none). */
+typedef void (*copy_tensor_fn)(void *user, const char *name, uint16_t *copy);
 
-static int each_half_mat(kvp_model_t *m, half_mat_fn fn, void *user, kvp_err_t *err) {
+static uint16_t *offset_or_null(uint16_t *p, size_t units) {
+    return p ? p + units : NULL;
+}
+
+/* The GGUF tensors behind the copy's matrices: Q, K, V each a part of wqkv's
+ * copy, gate and up parts of w_gate_up's (rows of whole blocks, so a part
+ * starts copy_units() after the one before). */
+static void each_copy_tensor(kvp_model_t *m, copy_tensor_fn fn, void *user) {
     const kvp_model_config_t *c = &m->cfg;
     const size_t E = c->n_embd, nq = (size_t)c->n_head * c->head_dim,
                  nkv = (size_t)c->n_kv_head * c->head_dim, F = c->n_ff;
-    const bool h = m->params16 != NULL;
-    int rc = fn(user, c->tied_output ? "token_embd.weight" : "output.weight", m->output,
-                h ? m->output16 : NULL, (size_t)c->n_vocab * E, err);
+    const kvp_ggml_type_t ty = m->type16;
+    fn(user, c->tied_output ? "token_embd.weight" : "output.weight", m->output16);
     char name[96];
-    for (int l = 0; l < c->n_layer && !rc; l++) {
+    for (int l = 0; l < c->n_layer; l++) {
         kvp_layer_t *L = &m->layers[l];
         struct {
             const char *suffix;
-            float *f32;
-            uint16_t *w16;
-            size_t n;
+            uint16_t *copy;
         } ts[] = {
-            {"attn_q", L->wq, L->wqkv16, nq * E},
-            {"attn_k", L->wk, h ? L->wqkv16 + nq * E : NULL, nkv * E},
-            {"attn_v", L->wv, h ? L->wqkv16 + (nq + nkv) * E : NULL, nkv * E},
-            {"attn_output", L->wo, L->wo16, E * nq},
-            {"ffn_gate", L->w_gate, L->w_gate_up16, F * E},
-            {"ffn_up", L->w_up, h ? L->w_gate_up16 + F * E : NULL, F * E},
-            {"ffn_down", L->w_down, L->w_down16, E * F},
+            {"attn_q", L->wqkv16},
+            {"attn_k", offset_or_null(L->wqkv16, copy_units(ty, nq, E))},
+            {"attn_v", offset_or_null(L->wqkv16, copy_units(ty, nq + nkv, E))},
+            {"attn_output", L->wo16},
+            {"ffn_gate", L->w_gate_up16},
+            {"ffn_up", offset_or_null(L->w_gate_up16, copy_units(ty, F, E))},
+            {"ffn_down", L->w_down16},
         };
-        for (size_t i = 0; i < sizeof ts / sizeof ts[0] && !rc; i++) {
+        for (size_t i = 0; i < sizeof ts / sizeof ts[0]; i++) {
             snprintf(name, sizeof name, "blk.%d.%s.weight", l, ts[i].suffix);
-            rc = fn(user, name, ts[i].f32, ts[i].w16, ts[i].n, err);
+            fn(user, name, ts[i].copy);
         }
     }
-    return rc;
 }
 
-typedef struct half_scan {
+typedef struct copy_scan {
     const kvp_gguf_t *g;
     kvp_ggml_type_t type; /* F32 until the first tensor is seen */
     bool mixed;
-} half_scan_t;
+} copy_scan_t;
 
-static int scan_type(void *user, const char *name, float *f32, uint16_t *w16, size_t n,
-                     kvp_err_t *err) {
-    (void)f32, (void)w16, (void)n, (void)err;
-    half_scan_t *s = user;
+static void scan_type(void *user, const char *name, uint16_t *copy) {
+    (void)copy;
+    copy_scan_t *s = user;
     const kvp_gguf_tensor_t *t = kvp_gguf_find_tensor(s->g, name);
-    if (!t || (t->type != KVP_GGML_F16 && t->type != KVP_GGML_BF16) ||
+    if (!t || (t->type != KVP_GGML_F16 && t->type != KVP_GGML_BF16 && t->type != KVP_GGML_Q8_0) ||
         (s->type != KVP_GGML_F32 && t->type != s->type))
         s->mixed = true;
     else
         s->type = t->type;
-    return KVP_OK;
 }
 
-/* The tensor's bits as they are in the file (checked as F16/BF16 of n
- * elements by scan_type and load_tensor before). */
-static int copy_bits(void *user, const char *name, float *f32, uint16_t *w16, size_t n,
-                     kvp_err_t *err) {
-    (void)f32, (void)err;
-    const half_scan_t *s = user;
+/* The tensor's bytes as they are in the file (its type checked by scan_type,
+ * its shape by load_tensor; the reader refuses Q8_0 rows of partial
+ * blocks, so every tensor has a place in the copy). */
+static void copy_bits(void *user, const char *name, uint16_t *copy) {
+    const copy_scan_t *s = user;
     const kvp_gguf_tensor_t *t = kvp_gguf_find_tensor(s->g, name);
-    memcpy(w16, t->data, sizeof(uint16_t) * n);
-    return KVP_OK;
+    if (copy) memcpy(copy, t->data, (size_t)kvp_ggml_type_nbytes(t->type, t->n_elems));
 }
 
-/* After the f32 load: the 16-bit copy when the file's matrices are all F16
- * or all BF16 (a file mixing types keeps f32 only). */
+/* After the f32 load: the copy when the file's matrices are all F16, all
+ * BF16 or all Q8_0 (a file mixing types keeps f32 only). */
 static int load_half(kvp_model_t *m, const kvp_gguf_t *g, kvp_err_t *err) {
-    half_scan_t s = {.g = g, .type = KVP_GGML_F32};
-    each_half_mat(m, scan_type, &s, err);
+    copy_scan_t s = {.g = g, .type = KVP_GGML_F32};
+    each_copy_tensor(m, scan_type, &s);
     if (s.mixed || s.type == KVP_GGML_F32) return KVP_OK;
     int rc = half_alloc(m, s.type, err);
-    if (!rc) rc = each_half_mat(m, copy_bits, &s, err);
+    if (!rc) each_copy_tensor(m, copy_bits, &s);
     return rc;
 }
 
-/* f32 -> 16 bits -> f32 in place through buffer `h` of n values */
+/* f32 -> `type` -> f32 in place through buffer `h`, which holds n values of
+ * `type` (n a multiple of 32 for Q8_0) */
 static void round_trip(float *f, uint16_t *h, size_t n, kvp_ggml_type_t type) {
-    if (type == KVP_GGML_BF16) {
+    if (type == KVP_GGML_Q8_0) {
+        kvp_f32_to_q8_0_row(f, h, n);
+        kvp_q8_0_to_f32_row(h, f, n);
+    } else if (type == KVP_GGML_BF16) {
         kvp_f32_to_bf16_row(f, h, n);
         kvp_bf16_to_f32_row(h, f, n);
     } else {
@@ -262,25 +316,23 @@ static void round_trip(float *f, uint16_t *h, size_t n, kvp_ggml_type_t type) {
     }
 }
 
-static int round_into(void *user, const char *name, float *f32, uint16_t *w16, size_t n,
-                      kvp_err_t *err) {
-    (void)name, (void)err;
-    round_trip(f32, w16, n, *(const kvp_ggml_type_t *)user);
-    return KVP_OK;
-}
-
 int kvp_model_make_half(kvp_model_t *m, kvp_ggml_type_t type, kvp_err_t *err) {
-    if (type != KVP_GGML_F16 && type != KVP_GGML_BF16)
-        return kvp_err_set(err, KVP_EINVAL, "model: 16-bit weights are F16 or BF16, not %s",
+    if (type != KVP_GGML_F16 && type != KVP_GGML_BF16 && type != KVP_GGML_Q8_0)
+        return kvp_err_set(err, KVP_EINVAL, "model: compact weights are F16, BF16 or Q8_0, not %s",
                            kvp_ggml_type_name(type));
     int rc = half_alloc(m, type, err);
     if (rc) return rc;
-    each_half_mat(m, round_into, &type, err);
-    if (!m->cfg.tied_output) {
+    for (int i = 0; i < n_copy_mats(&m->cfg); i++) {
+        copy_mat_t cm = copy_mat(m, i);
+        if (*cm.copy) round_trip(cm.f32, *cm.copy, cm.rows * cm.n_in, type);
+    }
+    size_t E = (size_t)m->cfg.n_embd;
+    if (!m->cfg.tied_output && copy_units(type, 1, E)) {
         /* the token embedding has no copy (a step reads one row of it) but
-         * a file of this type would store it in 16 bits too */
+         * a file of this type would store it so too; chunks of 1024 values
+         * are whole Q8_0 blocks (1088 bytes) and fit the buffer */
         uint16_t buf[1024];
-        size_t n = (size_t)m->cfg.n_vocab * m->cfg.n_embd;
+        size_t n = (size_t)m->cfg.n_vocab * E;
         for (size_t i = 0; i < n; i += 1024)
             round_trip(m->tok_embd + i, buf, n - i < 1024 ? n - i : 1024, type);
     }
@@ -288,7 +340,13 @@ int kvp_model_make_half(kvp_model_t *m, kvp_ggml_type_t type, kvp_err_t *err) {
 }
 
 size_t kvp_model_step_weight_bytes(const kvp_model_t *m) {
-    return half_size(&m->cfg) * (m->params16 ? sizeof(uint16_t) : sizeof(float));
+    size_t bytes = 0, rows, n_in;
+    for (int i = 0; i < n_copy_mats(&m->cfg); i++) {
+        copy_shape(&m->cfg, i, &rows, &n_in);
+        size_t u = m->params16 ? copy_units(m->type16, rows, n_in) : 0;
+        bytes += u ? sizeof(uint16_t) * u : sizeof(float) * rows * n_in;
+    }
+    return bytes;
 }
 
 /* ---- GGUF ------------------------------------------------------------- */
@@ -501,8 +559,8 @@ static uint64_t hash_words(uint64_t h, const void *data, size_t n_bytes) {
 
 void kvp_model_fingerprint(const kvp_model_t *m, char out[17]) {
     const kvp_model_config_t *c = &m->cfg;
-    int64_t shape[] = {c->n_vocab, c->n_embd,   c->n_layer, c->n_head, c->n_kv_head,
-                       c->head_dim, c->n_ff, c->rope_dim,  c->tied_output};
+    int64_t shape[] = {c->n_vocab,  c->n_embd, c->n_layer,  c->n_head,     c->n_kv_head,
+                       c->head_dim, c->n_ff,   c->rope_dim, c->tied_output};
     uint64_t h = hash_words(0xcbf29ce484222325ULL, shape, sizeof shape);
     float scalars[] = {c->rope_base, c->norm_eps};
     h = hash_words(h, scalars, sizeof scalars);
@@ -522,15 +580,15 @@ int kvp_model_new_cache(const kvp_model_t *m, int cap, kvp_kvcache_t **out, kvp_
 struct kvp_model_ctx {
     const kvp_model_t *m;
     int max_tok, max_ctx;
-    float *x;       /* [max_tok][n_embd] residual stream */
-    float *xn;      /* [max_tok][n_embd] normed input / projection output */
-    float *qkv;     /* [max_tok][n_q + 2*n_kv] */
-    float *att;     /* [max_tok][n_q] */
-    float *gu;      /* [max_tok][2*n_ff] */
-    float *ffh;     /* [max_tok][n_ff] */
-    float *scratch; /* attention scores */
-    float *rope_cs; /* [max_tok][rope_dim]: cos/sin of each position of the chunk */
-    kvp_matvec16_t *mv; /* the 16-bit kernel and its threads; NULL for f32 models */
+    float *x;           /* [max_tok][n_embd] residual stream */
+    float *xn;          /* [max_tok][n_embd] normed input / projection output */
+    float *qkv;         /* [max_tok][n_q + 2*n_kv] */
+    float *att;         /* [max_tok][n_q] */
+    float *gu;          /* [max_tok][2*n_ff] */
+    float *ffh;         /* [max_tok][n_ff] */
+    float *scratch;     /* attention scores */
+    float *rope_cs;     /* [max_tok][rope_dim]: cos/sin of each position of the chunk */
+    kvp_matvec16_t *mv; /* the compact-weight kernel and its threads; NULL without a copy */
 };
 
 int kvp_model_ctx_new(kvp_model_ctx_t **out, const kvp_model_t *m, int max_tok, int max_ctx,
@@ -597,8 +655,9 @@ const kvp_matvec16_t *kvp_model_ctx_matvec16(const kvp_model_ctx_t *ctx) {
 }
 
 /* y[n][n_out] = x[n][n_in] w^T. One row is a matrix-vector product, bound by
- * the bytes of w it streams: the 16-bit copy (w16) halves them when the
- * model has one. More rows reuse each weight and go to sgemm on f32. */
+ * the bytes of w it streams: the matrix's compact copy (w16: F16/BF16 halves
+ * them, Q8_0 takes 34 bytes for 32 weights), when it has one. More rows
+ * reuse each weight and go to sgemm on f32. */
 static void project(kvp_model_ctx_t *ctx, float *y, const float *x, const float *w,
                     const uint16_t *w16, int n, int n_in, int n_out) {
     if (n == 1 && w16 && ctx->mv)
