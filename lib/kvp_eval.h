@@ -246,11 +246,12 @@ typedef struct kvp_eval_front {
     int budget;               /* the KVP method whose TTFT FLOPs set the budget */
     int kvp, baseline;        /* best of each family at <= the budget; baseline -1: none */
     double margin, margin_se; /* accuracy, kvp - baseline */
-    double gap_closed;        /* (kvp - baseline) / (base - baseline); NaN unless base > it */
+    double gap, gap_se;       /* base - baseline, and its paired standard error */
+    double gap_closed;        /* (kvp - baseline) / gap; NaN unless gap > 0 */
 } kvp_eval_front_t;
 
-/* Fills fronts[] (room for n), one per KVP method in increasing budget, and
- * returns how many. */
+/* Fills fronts[] (room for n), one per distinct KVP budget in increasing
+ * order, and returns how many. */
 int kvp_eval_fronts(const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n,
                     kvp_eval_front_t *fronts);
 

@@ -269,12 +269,20 @@ int kvp_eval_fronts(const kvp_eval_method_t *m, const kvp_eval_result_t *r, int 
         if (m[i].kind == KVP_EVAL_BASE) base = i;
     for (int i = 0; i < n; i++) {
         if (m[i].kind != KVP_EVAL_KVP) continue;
+        bool seen = false; /* one front per budget: ridge and trained share theirs */
+        for (int k = 0; k < nf && !seen; k++)
+            seen = r[fronts[k].budget].flops == r[i].flops;
+        if (seen) continue;
         kvp_eval_front_t f = {.budget = i};
         f.kvp = best_of_kind(m, r, n, KVP_EVAL_KVP, r[i].flops);
         f.baseline = best_of_kind(m, r, n, KVP_EVAL_ALONE, r[i].flops);
         int k = f.kvp, b = f.baseline;
         f.margin = b >= 0 ? r[k].acc - r[b].acc : NAN;
         f.margin_se = b >= 0 ? paired_se(r[k].acc_each, r[b].acc_each, r[k].n_prompts) : NAN;
+        f.gap = b >= 0 && base >= 0 ? r[base].acc - r[b].acc : NAN;
+        f.gap_se = b >= 0 && base >= 0
+                       ? paired_se(r[base].acc_each, r[b].acc_each, r[base].n_prompts)
+                       : NAN;
         f.gap_closed = b >= 0 ? gap(r, k, base, b, 0) : NAN;
         /* insertion by budget keeps the fronts in the order they are read */
         int at = nf++;
@@ -303,9 +311,14 @@ static void print_fronts(FILE *f, const kvp_eval_method_t *m, const kvp_eval_res
         }
         fprintf(f, " vs %s %.4f: %+.4f +- %.4f", m[x->baseline].name, r[x->baseline].acc,
                 x->margin, x->margin_se);
-        if (isfinite(x->gap_closed)) fprintf(f, "; closes %.0f%% of the gap", 100 * x->gap_closed);
+        /* a gap within two standard errors has no share worth printing */
+        bool measurable = isfinite(x->gap_closed) && !(x->gap < 2 * x->gap_se);
+        if (measurable)
+            fprintf(f, "; closes %.0f%% of the gap %.4f", 100 * x->gap_closed, x->gap);
+        else
+            fprintf(f, "; gap %.4f +- %.4f to the base: not measurable", x->gap, x->gap_se);
         fputc('\n', f);
-        met += x->margin > 0 && !(x->gap_closed < min_gap);
+        met += x->margin > 0 && (!measurable || x->gap_closed >= min_gap);
     }
     fprintf(f, "  accuracy on the fronts: %d of %d budgets above the baselines and closing >= %.0f%% "
                "(or no measurable gap)\n",

@@ -541,17 +541,27 @@ static void test_fronts_take_the_best_of_each_family_at_or_below_each_budget(voi
             .acc = acc[i], .flops = flops[i], .acc_each = each[i], .n_prompts = 2};
     kvp_eval_front_t f[6];
     assert_int_equal(kvp_eval_fronts(m, r, 6, f), 2);
+    kvp_eval_front_t g[7];
+    kvp_eval_method_t m7[7];
+    kvp_eval_result_t r7[7];
+    memcpy(m7, m, sizeof m);
+    memcpy(r7, r, sizeof r);
+    m7[6] = (kvp_eval_method_t){.name = "x2", .kind = KVP_EVAL_KVP};
+    r7[6] = r[4]; /* a second KVP point at y's budget: still one front there */
+    assert_int_equal(kvp_eval_fronts(m7, r7, 7, g), 2);
     assert_int_equal(f[0].budget, 3);
     assert_int_equal(f[0].kvp, 3);
     assert_int_equal(f[0].baseline, 1); /* b costs 40 > 20 */
     assert_true(fabs(f[0].margin - 0.07) < 1e-12);
     assert_true(fabs(f[0].gap_closed - 0.7) < 1e-12); /* (.27 - .20) / (.30 - .20) */
-    /* differences .05 and .01: mean .03, sample sd .0283, se .02 */
+    /* differences .05 and .09: mean .07, sample sd .0283, se .02 */
     assert_true(fabs(f[0].margin_se - 0.02) < 1e-12);
     assert_int_equal(f[1].budget, 4);
     assert_int_equal(f[1].kvp, 3); /* y (0.25) is beaten by the cheaper x */
     assert_int_equal(f[1].baseline, 2);
     assert_true(fabs(f[1].gap_closed - 0.5) < 1e-12); /* (.27 - .24) / (.30 - .24) */
+    assert_true(fabs(f[1].gap - 0.06) < 1e-12);
+    assert_true(fabs(f[1].gap_se - 0.04) < 1e-12); /* base - b: .10 and .02 */
 }
 
 int main(void) {
