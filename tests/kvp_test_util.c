@@ -2,18 +2,21 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <math.h>
 #include <setjmp.h>
 #include <spawn.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmocka.h>
 
 #include "kvp_ckpt.h"
+#include "kvp_gguf.h"
 #include "kvp_rng.h"
 
 extern char **environ;
@@ -171,4 +174,77 @@ void kvp_test_read_text(const char *path, char *buf, size_t cap) {
     size_t n = fread(buf, 1, cap - 1, f);
     fclose(f);
     buf[n] = 0;
+}
+
+/* ---- forward steps ---------------------------------------------------------- */
+
+double kvp_test_rel_err(const float *a, const float *b, size_t n) {
+    double d = 0, mx = 0;
+    for (size_t i = 0; i < n; i++) {
+        d = fmax(d, fabs((double)a[i] - b[i]));
+        mx = fmax(mx, fabs((double)b[i]));
+    }
+    return d / (mx > 0 ? mx : 1);
+}
+
+kvp_test_stepper_t kvp_test_stepper_new(const kvp_model_t *m, int cap) {
+    kvp_test_stepper_t s = {0};
+    kvp_err_t err = {0};
+    if (kvp_model_ctx_new(&s.ctx, m, 16, cap, &err) || kvp_model_new_cache(m, cap, &s.cache, &err))
+        fail_msg("context: %s", err.msg);
+    s.logits = malloc(sizeof(float) * (size_t)cap * m->cfg.n_vocab);
+    return s;
+}
+
+void kvp_test_stepper_free(kvp_test_stepper_t *s) {
+    kvp_model_ctx_free(&s->ctx);
+    kvp_kvcache_free(&s->cache);
+    free(s->logits);
+}
+
+void kvp_test_step(kvp_test_stepper_t *s, const int32_t *tok, int n, kvp_logits_mode_t mode) {
+    kvp_err_t err = {0};
+    if (kvp_model_forward(s->ctx, s->cache, tok, n, s->logits, mode, &err))
+        fail_msg("forward: %s", err.msg);
+}
+
+void kvp_test_tmp_path(char *buf, size_t cap, const char *test, const char *name) {
+    const char *dir = getenv("KVP_TEST_TMP");
+    if (!dir) dir = "/tmp";
+    mkdir(dir, 0755);
+    snprintf(buf, cap, "%s/%s_%d_%s", dir, test, (int)getpid(), name);
+}
+
+void kvp_test_save_model(const kvp_model_t *m, kvp_ggml_type_t type, const char *path) {
+    kvp_err_t err = {0};
+    kvp_gguf_writer_t *w = kvp_gguf_writer_new();
+    if (!w) fail_msg("saving %s: out of memory", path);
+    if (kvp_model_to_gguf(m, w, type, &err) || kvp_gguf_writer_write(w, path, &err))
+        fail_msg("saving %s: %s", path, err.msg);
+    kvp_gguf_writer_free(&w);
+}
+
+kvp_model_t *kvp_test_load_model(const char *path) {
+    kvp_model_t *r = NULL;
+    kvp_err_t err = {0};
+    if (kvp_model_load(&r, path, &err)) fail_msg("loading %s: %s", path, err.msg);
+    return r;
+}
+
+int kvp_test_isas(kvp_mv16_isa_t out[2]) {
+    int n = 0;
+    out[n++] = KVP_MV16_PLAIN;
+    if (kvp_matvec16_cpu_has_avx512())
+        out[n++] = KVP_MV16_AVX512;
+    else
+        print_message("no AVX-512 on this CPU: only the plain path is tested\n");
+    return n;
+}
+
+kvp_matvec16_t *kvp_test_runner(int threads, kvp_mv16_isa_t isa) {
+    kvp_matvec16_t *mv = NULL;
+    kvp_err_t err = {0};
+    if (kvp_matvec16_new(&mv, threads, isa, &err)) fail_msg("kvp_matvec16_new: %s", err.msg);
+    assert_int_equal(kvp_matvec16_threads(mv), threads);
+    return mv;
 }

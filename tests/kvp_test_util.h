@@ -13,6 +13,7 @@
 #include <sys/types.h>
 
 #include "kvp_corpus.h"
+#include "kvp_matvec16.h"
 #include "kvp_model.h"
 
 /* ---- scratch directory and corpus ------------------------------------------ */
@@ -67,5 +68,34 @@ int kvp_test_ckpt_step(const char *path);
 int kvp_test_count_lines(const char *path);
 /* The start of a text file, NUL-terminated, in buf. */
 void kvp_test_read_text(const char *path, char *buf, size_t cap);
+
+/* ---- forward steps and model files (tests/test_matvec16.c, test_q8.c) -------- */
+
+/* The kvp_matvec16 ISAs this CPU can run (out[0] plain); the AVX-512 one is
+ * left out, and said so, on a CPU without it. */
+int kvp_test_isas(kvp_mv16_isa_t out[2]);
+/* A runner of `threads` threads on `isa`; failures fail the test. */
+kvp_matvec16_t *kvp_test_runner(int threads, kvp_mv16_isa_t isa);
+
+/* $KVP_TEST_TMP (or /tmp, made if missing) / TEST_PID_NAME in buf. */
+void kvp_test_tmp_path(char *buf, size_t cap, const char *test, const char *name);
+/* m written as a GGUF file with its matrices in `type`; failures fail the test. */
+void kvp_test_save_model(const kvp_model_t *m, kvp_ggml_type_t type, const char *path);
+kvp_model_t *kvp_test_load_model(const char *path);
+
+/* max |a - b| over max |b| (over 1 when b is all zero). */
+double kvp_test_rel_err(const float *a, const float *b, size_t n);
+
+/* A context, a cache of cap positions and room for cap rows of logits. */
+typedef struct kvp_test_stepper {
+    kvp_model_ctx_t *ctx;
+    kvp_kvcache_t *cache;
+    float *logits;
+} kvp_test_stepper_t;
+
+kvp_test_stepper_t kvp_test_stepper_new(const kvp_model_t *m, int cap);
+void kvp_test_stepper_free(kvp_test_stepper_t *s);
+/* n tokens forward into s->logits; a failure fails the test. */
+void kvp_test_step(kvp_test_stepper_t *s, const int32_t *tok, int n, kvp_logits_mode_t mode);
 
 #endif

@@ -24,6 +24,7 @@
 #include "kvp_matvec16.h"
 #include "kvp_model.h"
 #include "kvp_rng.h"
+#include "kvp_test_util.h"
 
 static const kvp_ggml_type_t TYPES[2] = {KVP_GGML_F16, KVP_GGML_BF16};
 
@@ -33,26 +34,6 @@ static float to_f32(uint16_t h, kvp_ggml_type_t t) {
 
 static uint16_t to_16(float f, kvp_ggml_type_t t) {
     return t == KVP_GGML_BF16 ? kvp_f32_to_bf16(f) : kvp_f32_to_f16(f);
-}
-
-/* The ISAs this CPU can run; the AVX-512 one is skipped (and said so) on a
- * CPU without it. */
-static int isas(kvp_mv16_isa_t out[2]) {
-    int n = 0;
-    out[n++] = KVP_MV16_PLAIN;
-    if (kvp_matvec16_cpu_has_avx512())
-        out[n++] = KVP_MV16_AVX512;
-    else
-        print_message("no AVX-512 on this CPU: only the plain path is tested\n");
-    return n;
-}
-
-static kvp_matvec16_t *runner(int threads, kvp_mv16_isa_t isa) {
-    kvp_matvec16_t *mv = NULL;
-    kvp_err_t err = {0};
-    if (kvp_matvec16_new(&mv, threads, isa, &err)) fail_msg("kvp_matvec16_new: %s", err.msg);
-    assert_int_equal(kvp_matvec16_threads(mv), threads);
-    return mv;
 }
 
 /* ---- the kernel ------------------------------------------------------- */
@@ -67,10 +48,10 @@ static void test_every_16_bit_pattern_widens_exactly(void **state) {
     for (int i = 0; i < N; i++)
         w[i] = (uint16_t)i;
     kvp_mv16_isa_t is[2];
-    int n_isa = isas(is);
+    int n_isa = kvp_test_isas(is);
     for (int a = 0; a < n_isa; a++)
         for (int ti = 0; ti < 2; ti++) {
-            kvp_matvec16_t *mv = runner(2, is[a]);
+            kvp_matvec16_t *mv = kvp_test_runner(2, is[a]);
             kvp_matvec16(mv, y, &one, w, TYPES[ti], 1, 1, N);
             for (int i = 0; i < N; i++) {
                 float want = to_f32((uint16_t)i, TYPES[ti]);
@@ -151,7 +132,7 @@ static void test_kernel_matches_double_reference(void **state) {
     const int n_toks[] = {1, 2, 3, 4, 5, 7};
     const int threads[] = {1, 2, 3};
     kvp_mv16_isa_t is[2];
-    int n_isa = isas(is);
+    int n_isa = kvp_test_isas(is);
     uint64_t seed = 1;
     for (size_t s = 0; s < sizeof shapes / sizeof shapes[0]; s++)
         for (size_t nt = 0; nt < sizeof n_toks / sizeof n_toks[0]; nt++)
@@ -160,7 +141,7 @@ static void test_kernel_matches_double_reference(void **state) {
                     make_problem(n_toks[nt], shapes[s][0], shapes[s][1], TYPES[ti], seed++);
                 for (int a = 0; a < n_isa; a++)
                     for (size_t th = 0; th < sizeof threads / sizeof threads[0]; th++) {
-                        kvp_matvec16_t *mv = runner(threads[th], is[a]);
+                        kvp_matvec16_t *mv = kvp_test_runner(threads[th], is[a]);
                         check_problem(mv, &p);
                         kvp_matvec16_free(&mv);
                     }
@@ -175,12 +156,12 @@ static void test_kernel_matches_double_reference(void **state) {
 static void test_threads_share_many_products_exactly(void **state) {
     (void)state;
     kvp_mv16_isa_t is[2];
-    int n_isa = isas(is);
+    int n_isa = kvp_test_isas(is);
     problem_t ps[3] = {make_problem(1, 200, 1000, KVP_GGML_BF16, 11),
                        make_problem(1, 96, 40, KVP_GGML_F16, 12),
                        make_problem(2, 64, 333, KVP_GGML_F16, 13)};
     for (int a = 0; a < n_isa; a++) {
-        kvp_matvec16_t *one = runner(1, is[a]), *many = runner(3, is[a]);
+        kvp_matvec16_t *one = kvp_test_runner(1, is[a]), *many = kvp_test_runner(3, is[a]);
         float *want[3], *got = malloc(sizeof(float) * 2 * 1000);
         for (int i = 0; i < 3; i++) {
             want[i] = malloc(sizeof(float) * (size_t)ps[i].n_tok * ps[i].N);
@@ -263,42 +244,6 @@ static void make_pair(kvp_model_config_t cfg, kvp_ggml_type_t type, kvp_model_t 
     assert_memory_equal((*h)->params, (*f)->params, sizeof(float) * (*h)->n_params);
 }
 
-static double rel_err(const float *a, const float *b, size_t n) {
-    double d = 0, mx = 0;
-    for (size_t i = 0; i < n; i++) {
-        d = fmax(d, fabs((double)a[i] - b[i]));
-        mx = fmax(mx, fabs((double)b[i]));
-    }
-    return d / (mx > 0 ? mx : 1);
-}
-
-typedef struct stepper {
-    kvp_model_ctx_t *ctx;
-    kvp_kvcache_t *cache;
-    float *logits;
-} stepper_t;
-
-static stepper_t stepper_new(const kvp_model_t *m, int cap) {
-    stepper_t s = {0};
-    kvp_err_t err = {0};
-    if (kvp_model_ctx_new(&s.ctx, m, 16, cap, &err) || kvp_model_new_cache(m, cap, &s.cache, &err))
-        fail_msg("context: %s", err.msg);
-    s.logits = malloc(sizeof(float) * (size_t)cap * m->cfg.n_vocab);
-    return s;
-}
-
-static void stepper_free(stepper_t *s) {
-    kvp_model_ctx_free(&s->ctx);
-    kvp_kvcache_free(&s->cache);
-    free(s->logits);
-}
-
-static void step(stepper_t *s, const int32_t *tok, int n, kvp_logits_mode_t mode) {
-    kvp_err_t err = {0};
-    if (kvp_model_forward(s->ctx, s->cache, tok, n, s->logits, mode, &err))
-        fail_msg("forward: %s", err.msg);
-}
-
 static void test_make_half_rounds_weights_and_keeps_their_bits(void **state) {
     (void)state;
     for (int tied = 0; tied < 2; tied++)
@@ -356,25 +301,26 @@ static void test_single_token_steps_match_f32_twin(void **state) {
             kvp_rng_seed(&r, 17);
             for (int i = 0; i < 24; i++)
                 tok[i] = (int32_t)kvp_rng_below(&r, (uint64_t)V);
-            stepper_t sh = stepper_new(h, 24), sf = stepper_new(f, 24);
+            kvp_test_stepper_t sh = kvp_test_stepper_new(h, 24), sf = kvp_test_stepper_new(f, 24);
             assert_non_null(kvp_model_ctx_matvec16(sh.ctx));
             assert_null(kvp_model_ctx_matvec16(sf.ctx));
-            step(&sh, tok, 8, KVP_LOGITS_LAST);
-            step(&sf, tok, 8, KVP_LOGITS_LAST);
-            assert_true(rel_err(sh.logits, sf.logits, V) < 1e-5);
+            kvp_test_step(&sh, tok, 8, KVP_LOGITS_LAST);
+            kvp_test_step(&sf, tok, 8, KVP_LOGITS_LAST);
+            assert_true(kvp_test_rel_err(sh.logits, sf.logits, V) < 1e-5);
             for (int i = 8; i < 24; i++) {
-                step(&sh, tok + i, 1, KVP_LOGITS_LAST);
-                step(&sf, tok + i, 1, KVP_LOGITS_LAST);
-                double e = rel_err(sh.logits, sf.logits, V);
+                kvp_test_step(&sh, tok + i, 1, KVP_LOGITS_LAST);
+                kvp_test_step(&sf, tok + i, 1, KVP_LOGITS_LAST);
+                double e = kvp_test_rel_err(sh.logits, sf.logits, V);
                 if (!(e < 1e-5))
                     fail_msg("%s, tied %d: step %d differs by %g", kvp_ggml_type_name(TYPES[ti]),
                              tied, i, e);
             }
             /* both caches were filled from the same keys and values */
-            assert_true(rel_err(kvp_kvcache_k(sh.cache, 2), kvp_kvcache_k(sf.cache, 2),
-                                (size_t)sh.cache->cap * h->cfg.n_kv_head * h->cfg.head_dim) < 1e-5);
-            stepper_free(&sh);
-            stepper_free(&sf);
+            assert_true(kvp_test_rel_err(kvp_kvcache_k(sh.cache, 2), kvp_kvcache_k(sf.cache, 2),
+                                         (size_t)sh.cache->cap * h->cfg.n_kv_head *
+                                             h->cfg.head_dim) < 1e-5);
+            kvp_test_stepper_free(&sh);
+            kvp_test_stepper_free(&sf);
             kvp_model_free(&h);
             kvp_model_free(&f);
         }
@@ -390,23 +336,23 @@ static void test_only_single_rows_read_the_copy(void **state) {
     for (size_t i = 0; i < (size_t)E * F; i++)
         h->layers[1].w_down16[i] = 0;
     int32_t tok[6] = {5, 77, 300, 0, 12, 140};
-    stepper_t sh = stepper_new(h, 8), sf = stepper_new(f, 8);
+    kvp_test_stepper_t sh = kvp_test_stepper_new(h, 8), sf = kvp_test_stepper_new(f, 8);
     /* rows > 1 (all logits): sgemm on f32 everywhere, bit for bit the same */
-    step(&sh, tok, 5, KVP_LOGITS_ALL);
-    step(&sf, tok, 5, KVP_LOGITS_ALL);
+    kvp_test_step(&sh, tok, 5, KVP_LOGITS_ALL);
+    kvp_test_step(&sf, tok, 5, KVP_LOGITS_ALL);
     assert_memory_equal(sh.logits, sf.logits, sizeof(float) * 5 * V);
     /* one token: the spoiled copy shows */
-    step(&sh, tok + 5, 1, KVP_LOGITS_LAST);
-    step(&sf, tok + 5, 1, KVP_LOGITS_LAST);
-    assert_true(rel_err(sh.logits, sf.logits, V) > 1e-3);
+    kvp_test_step(&sh, tok + 5, 1, KVP_LOGITS_LAST);
+    kvp_test_step(&sf, tok + 5, 1, KVP_LOGITS_LAST);
+    assert_true(kvp_test_rel_err(sh.logits, sf.logits, V) > 1e-3);
     /* without the copy the same context is back on f32 */
     kvp_model_drop_half(h);
     sh.cache->len = sf.cache->len = 5;
-    step(&sh, tok + 5, 1, KVP_LOGITS_LAST);
-    step(&sf, tok + 5, 1, KVP_LOGITS_LAST);
+    kvp_test_step(&sh, tok + 5, 1, KVP_LOGITS_LAST);
+    kvp_test_step(&sf, tok + 5, 1, KVP_LOGITS_LAST);
     assert_memory_equal(sh.logits, sf.logits, sizeof(float) * V);
-    stepper_free(&sh);
-    stepper_free(&sf);
+    kvp_test_stepper_free(&sh);
+    kvp_test_stepper_free(&sf);
     kvp_model_free(&h);
     kvp_model_free(&f);
 }
@@ -451,26 +397,7 @@ static void test_greedy_generation_gives_same_tokens(void **state) {
 /* ---- loading from GGUF ------------------------------------------------- */
 
 static void tmp_path(char *buf, size_t cap, const char *name) {
-    const char *dir = getenv("KVP_TEST_TMP");
-    if (!dir) dir = "/tmp";
-    mkdir(dir, 0755);
-    snprintf(buf, cap, "%s/test_matvec16_%d_%s", dir, (int)getpid(), name);
-}
-
-static void save(const kvp_model_t *m, kvp_ggml_type_t type, const char *path) {
-    kvp_err_t err = {0};
-    kvp_gguf_writer_t *w = kvp_gguf_writer_new();
-    assert_non_null(w);
-    if (kvp_model_to_gguf(m, w, type, &err) || kvp_gguf_writer_write(w, path, &err))
-        fail_msg("saving: %s", err.msg);
-    kvp_gguf_writer_free(&w);
-}
-
-static kvp_model_t *load(const char *path) {
-    kvp_model_t *r = NULL;
-    kvp_err_t err = {0};
-    if (kvp_model_load(&r, path, &err)) fail_msg("loading %s: %s", path, err.msg);
-    return r;
+    kvp_test_tmp_path(buf, cap, "test_matvec16", name);
 }
 
 /* A file of 16-bit matrices loads with the copy, holding the file's bits:
@@ -482,10 +409,10 @@ static void test_16_bit_files_load_with_the_copy(void **state) {
             kvp_model_t *m = make_model(odd_cfg(tied), 5);
             char path[512];
             tmp_path(path, sizeof path, kvp_ggml_type_name(TYPES[ti]));
-            save(m, TYPES[ti], path);
+            kvp_test_save_model(m, TYPES[ti], path);
             kvp_err_t err = {0};
             assert_int_equal(kvp_model_make_half(m, TYPES[ti], &err), 0);
-            kvp_model_t *r = load(path);
+            kvp_model_t *r = kvp_test_load_model(path);
             unlink(path);
             assert_non_null(r->params16);
             assert_int_equal(r->type16, TYPES[ti]);
@@ -508,8 +435,8 @@ static void test_other_files_load_without_the_copy(void **state) {
     kvp_model_t *m = make_model(cfg, 6);
     char path[512], mixed[512];
     tmp_path(path, sizeof path, "f32");
-    save(m, KVP_GGML_F32, path);
-    kvp_model_t *r = load(path);
+    kvp_test_save_model(m, KVP_GGML_F32, path);
+    kvp_model_t *r = kvp_test_load_model(path);
     unlink(path);
     assert_null(r->params16);
     assert_null(r->output16);
@@ -517,7 +444,7 @@ static void test_other_files_load_without_the_copy(void **state) {
     /* an F16 file with one matrix rewritten as BF16 */
     tmp_path(path, sizeof path, "f16");
     tmp_path(mixed, sizeof mixed, "mixed");
-    save(m, KVP_GGML_F16, path);
+    kvp_test_save_model(m, KVP_GGML_F16, path);
     kvp_gguf_t *g = NULL;
     kvp_err_t err = {0};
     assert_int_equal(kvp_gguf_open(&g, path, &err), 0);
@@ -542,10 +469,10 @@ static void test_other_files_load_without_the_copy(void **state) {
     if (kvp_gguf_writer_write(w, mixed, &err)) fail_msg("writing: %s", err.msg);
     kvp_gguf_writer_free(&w);
     kvp_gguf_free(&g);
-    r = load(path);
+    r = kvp_test_load_model(path);
     assert_int_equal(r->type16, KVP_GGML_F16); /* the untouched file has it */
     kvp_model_free(&r);
-    r = load(mixed);
+    r = kvp_test_load_model(mixed);
     assert_null(r->params16);
     kvp_model_free(&r);
     unlink(path);

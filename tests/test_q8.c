@@ -24,31 +24,12 @@
 #include "kvp_matvec16.h"
 #include "kvp_model.h"
 #include "kvp_rng.h"
+#include "kvp_test_util.h"
 
 enum { QK = KVP_Q8_0_BLOCK, QB = 34 }; /* values and bytes of a block */
 
 static size_t q8_bytes(size_t rows, size_t n_in) {
     return rows * (n_in / QK) * QB;
-}
-
-/* The ISAs this CPU can run; the AVX-512 one is skipped (and said so) on a
- * CPU without it. */
-static int isas(kvp_mv16_isa_t out[2]) {
-    int n = 0;
-    out[n++] = KVP_MV16_PLAIN;
-    if (kvp_matvec16_cpu_has_avx512())
-        out[n++] = KVP_MV16_AVX512;
-    else
-        print_message("no AVX-512 on this CPU: only the plain path is tested\n");
-    return n;
-}
-
-static kvp_matvec16_t *runner(int threads, kvp_mv16_isa_t isa) {
-    kvp_matvec16_t *mv = NULL;
-    kvp_err_t err = {0};
-    if (kvp_matvec16_new(&mv, threads, isa, &err)) fail_msg("kvp_matvec16_new: %s", err.msg);
-    assert_int_equal(kvp_matvec16_threads(mv), threads);
-    return mv;
 }
 
 /* ---- quantisation ------------------------------------------------------ */
@@ -193,7 +174,7 @@ static void test_q8_kernel_matches_double_reference(void **state) {
     const int Ns[] = {1, 7, 33, 67};
     const int threads[] = {1, 2, 3};
     kvp_mv16_isa_t is[2];
-    int n_isa = isas(is);
+    int n_isa = kvp_test_isas(is);
     uint64_t seed = 1;
     for (size_t ki = 0; ki < sizeof Ks / sizeof Ks[0]; ki++)
         for (size_t ni = 0; ni < sizeof Ns / sizeof Ns[0]; ni++)
@@ -201,7 +182,7 @@ static void test_q8_kernel_matches_double_reference(void **state) {
                 problem_t p = make_problem(n_tok, Ks[ki], Ns[ni], seed++);
                 for (int a = 0; a < n_isa; a++)
                     for (size_t th = 0; th < sizeof threads / sizeof threads[0]; th++) {
-                        kvp_matvec16_t *mv = runner(threads[th], is[a]);
+                        kvp_matvec16_t *mv = kvp_test_runner(threads[th], is[a]);
                         check_problem(mv, &p);
                         kvp_matvec16_free(&mv);
                     }
@@ -219,9 +200,9 @@ static void test_q8_kernel_is_exact_on_one_hot_inputs(void **state) {
     problem_t p = make_problem(1, K, N, 99);
     float x[T * K], y[T * N];
     kvp_mv16_isa_t is[2];
-    int n_isa = isas(is);
+    int n_isa = kvp_test_isas(is);
     for (int a = 0; a < n_isa; a++) {
-        kvp_matvec16_t *mv = runner(2, is[a]);
+        kvp_matvec16_t *mv = kvp_test_runner(2, is[a]);
         for (int c = 0; c < K; c++) {
             memset(x, 0, sizeof x);
             for (int t = 0; t < T; t++)
@@ -245,7 +226,7 @@ static void test_q8_kernel_is_exact_on_one_hot_inputs(void **state) {
 static void test_q8_threads_match_one_thread_bit_for_bit(void **state) {
     (void)state;
     kvp_mv16_isa_t is[2];
-    int n_isa = isas(is);
+    int n_isa = kvp_test_isas(is);
     problem_t ps[3] = {make_problem(1, 768, 1001, 11), make_problem(1, 64, 45, 12),
                        make_problem(3, 2048, 129, 13)};
     /* an F16 matrix between them: the job's type must not leak */
@@ -254,7 +235,7 @@ static void test_q8_threads_match_one_thread_bit_for_bit(void **state) {
     for (int i = 0; i < HK * HN; i++)
         h[i] = kvp_f32_to_f16(ps[0].wf[i] * 0.5f);
     for (int a = 0; a < n_isa; a++) {
-        kvp_matvec16_t *one = runner(1, is[a]), *many = runner(3, is[a]);
+        kvp_matvec16_t *one = kvp_test_runner(1, is[a]), *many = kvp_test_runner(3, is[a]);
         float *want[3], *got = malloc(sizeof(float) * 3 * 1001), hw[HN], hg[HN];
         for (int i = 0; i < 3; i++) {
             want[i] = malloc(sizeof(float) * (size_t)ps[i].n_tok * ps[i].N);
@@ -399,42 +380,6 @@ static void test_rows_of_partial_blocks_stay_f32(void **state) {
     kvp_model_free(&m);
 }
 
-static double rel_err(const float *a, const float *b, size_t n) {
-    double d = 0, mx = 0;
-    for (size_t i = 0; i < n; i++) {
-        d = fmax(d, fabs((double)a[i] - b[i]));
-        mx = fmax(mx, fabs((double)b[i]));
-    }
-    return d / (mx > 0 ? mx : 1);
-}
-
-typedef struct stepper {
-    kvp_model_ctx_t *ctx;
-    kvp_kvcache_t *cache;
-    float *logits;
-} stepper_t;
-
-static stepper_t stepper_new(const kvp_model_t *m, int cap) {
-    stepper_t s = {0};
-    kvp_err_t err = {0};
-    if (kvp_model_ctx_new(&s.ctx, m, 16, cap, &err) || kvp_model_new_cache(m, cap, &s.cache, &err))
-        fail_msg("context: %s", err.msg);
-    s.logits = malloc(sizeof(float) * (size_t)cap * m->cfg.n_vocab);
-    return s;
-}
-
-static void stepper_free(stepper_t *s) {
-    kvp_model_ctx_free(&s->ctx);
-    kvp_kvcache_free(&s->cache);
-    free(s->logits);
-}
-
-static void step(stepper_t *s, const int32_t *tok, int n, kvp_logits_mode_t mode) {
-    kvp_err_t err = {0};
-    if (kvp_model_forward(s->ctx, s->cache, tok, n, s->logits, mode, &err))
-        fail_msg("forward: %s", err.msg);
-}
-
 /* Prefill of a prompt, then single-token steps: the model with the Q8_0
  * copy against its f32 twin holding the dequantised weights, logits of
  * every step within 1e-4 (the two differ only in the order of additions);
@@ -456,20 +401,20 @@ static void test_q8_0_steps_match_dequantised_f32_twin(void **state) {
             kvp_rng_seed(&r, 17);
             for (int i = 0; i < 24; i++)
                 tok[i] = (int32_t)kvp_rng_below(&r, (uint64_t)V);
-            stepper_t sq = stepper_new(q, 24), sf = stepper_new(f, 24);
+            kvp_test_stepper_t sq = kvp_test_stepper_new(q, 24), sf = kvp_test_stepper_new(f, 24);
             assert_non_null(kvp_model_ctx_matvec16(sq.ctx));
-            step(&sq, tok, 8, KVP_LOGITS_LAST);
-            step(&sf, tok, 8, KVP_LOGITS_LAST);
-            assert_true(rel_err(sq.logits, sf.logits, V) < 1e-4);
+            kvp_test_step(&sq, tok, 8, KVP_LOGITS_LAST);
+            kvp_test_step(&sf, tok, 8, KVP_LOGITS_LAST);
+            assert_true(kvp_test_rel_err(sq.logits, sf.logits, V) < 1e-4);
             for (int i = 8; i < 24; i++) {
-                step(&sq, tok + i, 1, KVP_LOGITS_LAST);
-                step(&sf, tok + i, 1, KVP_LOGITS_LAST);
-                double e = rel_err(sq.logits, sf.logits, V);
+                kvp_test_step(&sq, tok + i, 1, KVP_LOGITS_LAST);
+                kvp_test_step(&sf, tok + i, 1, KVP_LOGITS_LAST);
+                double e = kvp_test_rel_err(sq.logits, sf.logits, V);
                 if (!(e < 1e-4))
                     fail_msg("n_ff %d, tied %d: step %d differs by %g", n_ffs[fi], tied, i, e);
             }
-            stepper_free(&sq);
-            stepper_free(&sf);
+            kvp_test_stepper_free(&sq);
+            kvp_test_stepper_free(&sf);
             kvp_model_free(&q);
             kvp_model_free(&f);
         }
@@ -487,15 +432,15 @@ static void test_only_single_rows_read_the_q8_0_copy(void **state) {
     memset(q->layers[1].w_down16, 0, q8_bytes((size_t)cfg.n_embd, (size_t)cfg.n_ff));
     const int V = cfg.n_vocab;
     int32_t tok[6] = {5, 77, 300, 0, 12, 140};
-    stepper_t sq = stepper_new(q, 8), sf = stepper_new(f, 8);
-    step(&sq, tok, 5, KVP_LOGITS_ALL);
-    step(&sf, tok, 5, KVP_LOGITS_ALL);
+    kvp_test_stepper_t sq = kvp_test_stepper_new(q, 8), sf = kvp_test_stepper_new(f, 8);
+    kvp_test_step(&sq, tok, 5, KVP_LOGITS_ALL);
+    kvp_test_step(&sf, tok, 5, KVP_LOGITS_ALL);
     assert_memory_equal(sq.logits, sf.logits, sizeof(float) * 5 * V);
-    step(&sq, tok + 5, 1, KVP_LOGITS_LAST);
-    step(&sf, tok + 5, 1, KVP_LOGITS_LAST);
-    assert_true(rel_err(sq.logits, sf.logits, V) > 1e-3);
-    stepper_free(&sq);
-    stepper_free(&sf);
+    kvp_test_step(&sq, tok + 5, 1, KVP_LOGITS_LAST);
+    kvp_test_step(&sf, tok + 5, 1, KVP_LOGITS_LAST);
+    assert_true(kvp_test_rel_err(sq.logits, sf.logits, V) > 1e-3);
+    kvp_test_stepper_free(&sq);
+    kvp_test_stepper_free(&sf);
     kvp_model_free(&q);
     kvp_model_free(&f);
 }
@@ -503,26 +448,7 @@ static void test_only_single_rows_read_the_q8_0_copy(void **state) {
 /* ---- Q8_0 GGUF files ----------------------------------------------------- */
 
 static void tmp_path(char *buf, size_t cap, const char *name) {
-    const char *dir = getenv("KVP_TEST_TMP");
-    if (!dir) dir = "/tmp";
-    mkdir(dir, 0755);
-    snprintf(buf, cap, "%s/test_q8_%d_%s", dir, (int)getpid(), name);
-}
-
-static void save(const kvp_model_t *m, kvp_ggml_type_t type, const char *path) {
-    kvp_err_t err = {0};
-    kvp_gguf_writer_t *w = kvp_gguf_writer_new();
-    assert_non_null(w);
-    if (kvp_model_to_gguf(m, w, type, &err) || kvp_gguf_writer_write(w, path, &err))
-        fail_msg("saving: %s", err.msg);
-    kvp_gguf_writer_free(&w);
-}
-
-static kvp_model_t *load(const char *path) {
-    kvp_model_t *r = NULL;
-    kvp_err_t err = {0};
-    if (kvp_model_load(&r, path, &err)) fail_msg("loading %s: %s", path, err.msg);
-    return r;
+    kvp_test_tmp_path(buf, cap, "test_q8", name);
 }
 
 /* A Q8_0 file loads with its blocks as the copy: the same model as
@@ -534,9 +460,9 @@ static void test_q8_0_file_loads_with_its_blocks(void **state) {
         kvp_model_t *m = make_model(q8_cfg(tied, 96), 5);
         char path[512];
         tmp_path(path, sizeof path, tied ? "tied.gguf" : "untied.gguf");
-        save(m, KVP_GGML_Q8_0, path);
+        kvp_test_save_model(m, KVP_GGML_Q8_0, path);
         make_q8(m);
-        kvp_model_t *r = load(path);
+        kvp_model_t *r = kvp_test_load_model(path);
         unlink(path);
         assert_non_null(r->params16);
         assert_int_equal(r->type16, KVP_GGML_Q8_0);
@@ -549,17 +475,17 @@ static void test_q8_0_file_loads_with_its_blocks(void **state) {
         assert_string_equal(fa, fb);
         const int V = m->cfg.n_vocab;
         int32_t tok[12] = {1, 2, 3, 250, 4, 5, 9, 100, 33, 7, 300, 0};
-        stepper_t sm = stepper_new(m, 12), sr = stepper_new(r, 12);
-        step(&sm, tok, 6, KVP_LOGITS_LAST);
-        step(&sr, tok, 6, KVP_LOGITS_LAST);
+        kvp_test_stepper_t sm = kvp_test_stepper_new(m, 12), sr = kvp_test_stepper_new(r, 12);
+        kvp_test_step(&sm, tok, 6, KVP_LOGITS_LAST);
+        kvp_test_step(&sr, tok, 6, KVP_LOGITS_LAST);
         assert_memory_equal(sm.logits, sr.logits, sizeof(float) * V);
         for (int i = 6; i < 12; i++) {
-            step(&sm, tok + i, 1, KVP_LOGITS_LAST);
-            step(&sr, tok + i, 1, KVP_LOGITS_LAST);
+            kvp_test_step(&sm, tok + i, 1, KVP_LOGITS_LAST);
+            kvp_test_step(&sr, tok + i, 1, KVP_LOGITS_LAST);
             assert_memory_equal(sm.logits, sr.logits, sizeof(float) * V);
         }
-        stepper_free(&sm);
-        stepper_free(&sr);
+        kvp_test_stepper_free(&sm);
+        kvp_test_stepper_free(&sr);
         kvp_model_free(&r);
         kvp_model_free(&m);
     }
