@@ -366,7 +366,7 @@ static void test_arena_is_grouped_by_aux_layer(void **state) {
 /* apply_cache on the uneven map equals, for every base layer, the map written
  * out in double on the aux rows it reads; positions outside the span stay
  * untouched. 300 tokens: more than one of apply_cache's passes. */
-static void test_apply_cache_matches_plain_reference_on_uneven_map(void **state) {
+static void test_apply_and_apply_cache_match_plain_reference_on_uneven_map(void **state) {
     (void)state;
     kvp_predictor_t *p = random_predictor_map(UAUX, UBASE, UMAP, 21);
     kvp_kvcache_t *aux = uneven_cache(UAUX), *base = uneven_cache(UBASE);
@@ -380,6 +380,17 @@ static void test_apply_cache_matches_plain_reference_on_uneven_map(void **state)
         free(k), free(v);
     }
     assert_int_equal(kvp_predictor_apply_cache(p, aux, base, pos0, n, &err), 0);
+    /* kvp_predictor_apply on the same rows, as the pipeline's predictor runs it */
+    float *ak[3], *av[3], *ok[5], *ov[5];
+    for (int a = 0; a < 3; a++) {
+        ak[a] = malloc(sizeof(float) * n * d_in), av[a] = malloc(sizeof(float) * n * d_in);
+        assert_int_equal(kvp_kvcache_read(aux, a, pos0, n, ak[a], av[a], &err), 0);
+    }
+    for (int l = 0; l < 5; l++)
+        ok[l] = malloc(sizeof(float) * n * d_out), ov[l] = malloc(sizeof(float) * n * d_out);
+    assert_int_equal(
+        kvp_predictor_apply(p, n, (const float *const *)ak, (const float *const *)av, ok, ov, &err),
+        0);
     float *xk = malloc(sizeof(float) * n * d_in), *xv = malloc(sizeof(float) * n * d_in);
     float *gk = malloc(sizeof(float) * n * d_out), *gv = malloc(sizeof(float) * n * d_out);
     float *wk = malloc(sizeof(float) * n * d_out), *wv = malloc(sizeof(float) * n * d_out);
@@ -398,6 +409,10 @@ static void test_apply_cache_matches_plain_reference_on_uneven_map(void **state)
         assert_int_equal(kvp_kvcache_read(base, l, pos0, n, gk, gv, &err), 0);
         double ek = rel_err(gk, wk, (size_t)n * d_out), ev = rel_err(gv, wv, (size_t)n * d_out);
         if (ek > 1e-4 || ev > 1e-4) fail_msg("base layer %d: K error %g, V error %g", l, ek, ev);
+        ek = rel_err(ok[l], wk, (size_t)n * d_out), ev = rel_err(ov[l], wv, (size_t)n * d_out);
+        if (ek > 1e-4 || ev > 1e-4)
+            fail_msg("apply, base layer %d: K error %g, V error %g", l, ek, ev);
+        free(ok[l]), free(ov[l]);
         /* positions before and after the span were not written */
         for (int h = 0; h < UBASE.n_kv_head; h++) {
             const float *kh = kvp_kvcache_k(base, l) + (size_t)h * UCAP * UBASE.head_dim;
@@ -417,6 +432,8 @@ static void test_apply_cache_matches_plain_reference_on_uneven_map(void **state)
         assert_true(fresh->k[i] == 0 && fresh->v[i] == 0);
     kvp_kvcache_free(&fresh);
     free(xk), free(xv), free(gk), free(gv), free(wk), free(wv);
+    for (int a = 0; a < 3; a++)
+        free(ak[a]), free(av[a]);
     kvp_kvcache_free(&aux), kvp_kvcache_free(&base);
     kvp_predictor_free(&p);
 }
@@ -814,7 +831,7 @@ int main(void) {
         cmocka_unit_test(test_apply_in_chunks_equals_at_once),
         cmocka_unit_test(test_apply_cache_in_chunks_equals_at_once),
         cmocka_unit_test(test_arena_is_grouped_by_aux_layer),
-        cmocka_unit_test(test_apply_cache_matches_plain_reference_on_uneven_map),
+        cmocka_unit_test(test_apply_and_apply_cache_match_plain_reference_on_uneven_map),
         cmocka_unit_test(test_save_load_with_uneven_map_gives_identical_outputs),
         cmocka_unit_test(test_identity_predictor_gives_base_prefill_logits),
         cmocka_unit_test(test_fit_recovers_exact_linear_map),
