@@ -102,10 +102,33 @@ const float *kvp_kvcache_rope_cs(const kvp_kvcache_t *c, int pos) {
     return c->rope_cs + (size_t)pos * c->rope_dim;
 }
 
+/* One key head: src (+ bias b, if any) rotated by the table cs into dst, in
+ * one pass that the compiler vectorises (the pairs de-interleave into lanes);
+ * the same products and sums as kvp_rope_apply, so the same bits. Dims past
+ * rope_dim are copied. */
+static void put_key_head(float *restrict dst, const float *restrict src, const float *restrict b,
+                         const float *restrict cs, int hd, int rope_dim) {
+    const int half = rope_dim / 2;
+    const float *sn = cs + half;
+    if (b)
+        for (int i = 0; i < half; i++) {
+            float x0 = src[2 * i] + b[2 * i], x1 = src[2 * i + 1] + b[2 * i + 1];
+            dst[2 * i] = x0 * cs[i] - x1 * sn[i];
+            dst[2 * i + 1] = x0 * sn[i] + x1 * cs[i];
+        }
+    else
+        for (int i = 0; i < half; i++) {
+            float x0 = src[2 * i], x1 = src[2 * i + 1];
+            dst[2 * i] = x0 * cs[i] - x1 * sn[i];
+            dst[2 * i + 1] = x0 * sn[i] + x1 * cs[i];
+        }
+    for (int i = rope_dim; i < hd; i++) /* not + 0 without a bias: -0 stays -0 */
+        dst[i] = b ? src[i] + b[i] : src[i];
+}
+
 /* Rows of one layer's K or V into its head-major slots, plus bias, keys
- * rotated in place. Token by token, so the rows are read in order (faster
- * than head by head when they are a wide sgemm output); each slot is rotated
- * while still in L1. */
+ * rotated on the way. Token by token, so the rows are read in order (faster
+ * than head by head when they are a wide sgemm output). */
 static void put_rows(const kvp_kvcache_t *c, float *base, int pos0, int n_tok, const float *rows,
                      int ld, const float *bias, int rotate) {
     const int hd = c->head_dim;
@@ -114,13 +137,14 @@ static void put_rows(const kvp_kvcache_t *c, float *base, int pos0, int n_tok, c
         for (int h = 0; h < c->n_kv_head; h++) {
             float *dst = base + ((size_t)h * c->cap + pos0 + t) * hd;
             const float *src = rows + (size_t)t * ld + (size_t)h * hd;
-            if (bias) {
-                const float *b = bias + (size_t)h * hd;
+            const float *b = bias ? bias + (size_t)h * hd : NULL;
+            if (rotate)
+                put_key_head(dst, src, b, cs, hd, c->rope_dim);
+            else if (b)
                 for (int i = 0; i < hd; i++)
                     dst[i] = src[i] + b[i];
-            } else /* not + 0: that would turn -0 into +0 */
+            else /* not + 0: that would turn -0 into +0 */
                 memcpy(dst, src, sizeof(float) * (size_t)hd);
-            if (rotate) kvp_rope_apply(dst, 1, hd, c->rope_dim, cs, 1.0f);
         }
     }
 }
