@@ -104,7 +104,7 @@ static int set_dtype(const opts_t *o, kvp_model_t *base, bool *rounded, kvp_err_
 static int measure(const opts_t *o, const kvp_model_t *aux, const kvp_model_t *base,
                    const kvp_predictor_t *p, int n, row_t *r, kvp_err_t *err) {
     kvp_model_ctx_t *actx = NULL, *bctx = NULL;
-    kvp_kvcache_t *cache = NULL;
+    kvp_kvcache_t *cache = NULL, *acache = NULL;
     int32_t *toks = malloc(sizeof(int32_t) * (size_t)n);
     float *logits = malloc(sizeof(float) * (size_t)base->cfg.n_vocab);
     kvp_rng_t rng;
@@ -114,6 +114,8 @@ static int measure(const opts_t *o, const kvp_model_t *aux, const kvp_model_t *b
     int rc = kvp_model_ctx_new(&actx, aux, o->chunk, n, err);
     if (!rc) rc = kvp_model_ctx_new(&bctx, base, o->chunk, n, err);
     if (!rc) rc = kvp_model_new_cache(base, n, &cache, err);
+    /* made once, as the base's cache is: not part of a TTFT */
+    if (!rc) rc = kvp_model_new_cache(aux, n > 1 ? n - 1 : 1, &acache, err);
     *r = (row_t){.n = n, .base_s = 1e30, .kvp_s = 1e30};
     /* alternate the two methods so that drift in machine load hits both */
     for (int rep = 0; !rc && rep <= o->b.reps; rep++) {
@@ -125,7 +127,8 @@ static int measure(const opts_t *o, const kvp_model_t *aux, const kvp_model_t *b
         if (rep && dt < r->base_s) r->base_s = dt;
         cache->len = 0;
         kvp_kvp_stats_t st = {0};
-        if (!rc) rc = kvp_kvp_prefill(actx, bctx, p, cache, toks, n, o->chunk, logits, &st, err);
+        if (!rc)
+            rc = kvp_kvp_prefill(actx, bctx, p, acache, cache, toks, n, o->chunk, logits, &st, err);
         kvp_argmax(logits, base->cfg.n_vocab);
         if (rep && st.t_first < r->kvp_s) {
             r->kvp_s = st.t_first;
@@ -139,6 +142,7 @@ static int measure(const opts_t *o, const kvp_model_t *aux, const kvp_model_t *b
     free(toks);
     free(logits);
     kvp_kvcache_free(&cache);
+    kvp_kvcache_free(&acache);
     kvp_model_ctx_free(&actx);
     kvp_model_ctx_free(&bctx);
     return rc;

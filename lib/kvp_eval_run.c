@@ -19,7 +19,7 @@ typedef struct runner {
     kvp_model_ctx_t *bctx;          /* the base model */
     kvp_kvcache_t *bcache, *tcache; /* its cache, and the true cache for cache quality */
     kvp_model_ctx_t *cctx;          /* the method's cheaper model (ALONE, KVP) */
-    kvp_kvcache_t *ccache;          /* its cache (ALONE) */
+    kvp_kvcache_t *ccache;          /* its cache (ALONE; KVP: the auxiliary cache) */
     float *logits, *logits0, *lall; /* [V], [V], [K-1][V] */
     int32_t *gen;                   /* [max(K, he_max_gen)] */
     char *text;                     /* decoded HumanEval-like output */
@@ -66,7 +66,8 @@ static int runner_new(runner_t *r, const kvp_model_t *base, const kvp_tokenizer_
     return rc;
 }
 
-/* The method's cheaper model: a context (and for ALONE a cache). */
+/* The method's cheaper model: a context and a cache (for KVP, the
+ * auxiliary cache every prompt's prefill reuses). */
 static int runner_method(runner_t *r, const kvp_eval_method_t *m, kvp_err_t *err) {
     kvp_model_ctx_free(&r->cctx);
     kvp_kvcache_free(&r->ccache);
@@ -85,8 +86,10 @@ static int runner_method(runner_t *r, const kvp_eval_method_t *m, kvp_err_t *err
     if (!m->pred) return kvp_err_set(err, KVP_EINVAL, "eval: %s: no predictor", m->name);
     int rc = kvp_predictor_check_pair(m->pred, m->model, r->base, err);
     if (rc) return kvp_err_wrap(err, "eval: %s", m->name);
-    return kvp_model_ctx_new(&r->cctx, m->model, chunk, r->max_prompt > 1 ? r->max_prompt - 1 : 1,
-                             err);
+    const int n_aux = r->max_prompt > 1 ? r->max_prompt - 1 : 1; /* what the aux prefills */
+    rc = kvp_model_ctx_new(&r->cctx, m->model, chunk, n_aux, err);
+    if (!rc) rc = kvp_model_new_cache(m->model, n_aux, &r->ccache, err);
+    return rc;
 }
 
 /* The method's prompt processing: leaves the first token's logits in
@@ -105,8 +108,10 @@ static int prefill(runner_t *r, const kvp_eval_method_t *m, const int32_t *promp
     case KVP_EVAL_KVP:
         *gctx = r->bctx, *gcache = r->bcache;
         r->bcache->len = 0;
-        return kvp_kvp_prefill(r->cctx, r->bctx, m->pred, r->bcache, prompt, n, r->o->chunk,
-                               r->logits, NULL, err);
+        /* the cheap model's cache serves as the auxiliary cache: a KVP
+         * method decodes on the base's */
+        return kvp_kvp_prefill(r->cctx, r->bctx, m->pred, r->ccache, r->bcache, prompt, n,
+                               r->o->chunk, r->logits, NULL, err);
     }
     return kvp_err_set(err, KVP_EINVAL, "eval: unknown method kind");
 }

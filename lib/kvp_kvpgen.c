@@ -5,19 +5,22 @@
 #include "kvp_time.h"
 
 int kvp_kvp_prefill(kvp_model_ctx_t *aux_ctx, kvp_model_ctx_t *base_ctx, const kvp_predictor_t *p,
-                    kvp_kvcache_t *base_cache, const int32_t *prompt, int n_prompt, int chunk,
-                    float *logits, kvp_kvp_stats_t *st, kvp_err_t *err) {
+                    kvp_kvcache_t *given_aux, kvp_kvcache_t *base_cache, const int32_t *prompt,
+                    int n_prompt, int chunk, float *logits, kvp_kvp_stats_t *st, kvp_err_t *err) {
     if (n_prompt <= 0) return kvp_err_set(err, KVP_EINVAL, "kv prediction: empty prompt");
     if (chunk <= 0) chunk = 512;
     const int n_ctx = n_prompt - 1; /* positions the predictor fills */
     kvp_kvp_stats_t local = {0};
     if (!st) st = &local;
     st->n_prompt = n_prompt;
-    kvp_kvcache_t *aux_cache = NULL;
+    kvp_kvcache_t *aux_cache = given_aux;
     int rc = KVP_OK;
     double t_start = kvp_now();
     if (n_ctx > 0) {
-        rc = kvp_model_new_cache(kvp_model_ctx_model(aux_ctx), n_ctx, &aux_cache, err);
+        if (aux_cache)
+            aux_cache->len = 0; /* forward() checks its shape and room */
+        else
+            rc = kvp_model_new_cache(kvp_model_ctx_model(aux_ctx), n_ctx, &aux_cache, err);
         for (int a = 0; !rc && a < n_ctx; a += chunk) {
             int n = n_ctx - a < chunk ? n_ctx - a : chunk;
             double t0 = kvp_now();
@@ -27,7 +30,7 @@ int kvp_kvp_prefill(kvp_model_ctx_t *aux_ctx, kvp_model_ctx_t *base_ctx, const k
             st->t_aux_prefill += t1 - t0;
             st->t_predict += kvp_now() - t1;
         }
-        kvp_kvcache_free(&aux_cache);
+        if (aux_cache != given_aux) kvp_kvcache_free(&aux_cache);
     }
     if (!rc) rc = kvp_kvcache_set_len(base_cache, n_ctx, err);
     double t0 = kvp_now();
@@ -57,7 +60,8 @@ int kvp_kvp_generate(const kvp_model_t *aux, const kvp_model_t *base, const kvp_
     kvp_kvp_stats_t local = {0};
     if (!st) st = &local;
     *st = (kvp_kvp_stats_t){0};
-    if (!rc) rc = kvp_kvp_prefill(actx, bctx, p, bcache, prompt, n_prompt, chunk, logits, st, err);
+    if (!rc)
+        rc = kvp_kvp_prefill(actx, bctx, p, NULL, bcache, prompt, n_prompt, chunk, logits, st, err);
     if (!rc && gp->n_predict > 0) {
         kvp_gen_stats_t gs = {.n_prompt = n_prompt, .t_first = st->t_first};
         rc = kvp_generate_from_logits(bctx, bcache, logits, gp, eos, cb, user, &gs, err);

@@ -30,10 +30,14 @@ typedef struct kvp_kvp_stats {
 /* Fills base_cache positions [0, n_prompt-1) by auxiliary prefill + prediction
  * in chunks of `chunk` tokens and runs the base step on the last prompt token,
  * leaving its logits in `logits` [n_vocab]. aux_ctx must hold caches of
- * n_prompt - 1 positions. st may be NULL. */
+ * n_prompt - 1 positions. aux_cache, if not NULL, is the auxiliary model's
+ * cache to fill (emptied first; at least n_prompt - 1 positions): a caller
+ * that runs many prompts keeps one, as it keeps base_cache, instead of
+ * paying for a fresh one (allocation, first-touch page faults, RoPE table)
+ * inside every TTFT. NULL: one is made and freed here. st may be NULL. */
 int kvp_kvp_prefill(kvp_model_ctx_t *aux_ctx, kvp_model_ctx_t *base_ctx, const kvp_predictor_t *p,
-                    kvp_kvcache_t *base_cache, const int32_t *prompt, int n_prompt, int chunk,
-                    float *logits, kvp_kvp_stats_t *st, kvp_err_t *err);
+                    kvp_kvcache_t *aux_cache, kvp_kvcache_t *base_cache, const int32_t *prompt,
+                    int n_prompt, int chunk, float *logits, kvp_kvp_stats_t *st, kvp_err_t *err);
 
 /* The whole hand-over: prefill as above, then base generation. The predictor
  * must fit the pair (kvp_predictor_check_pair). */
