@@ -358,7 +358,7 @@ static int make_methods(const opts_t *o, kvp_eval_method_t *m) {
     int n = 0;
     m[n++] = (kvp_eval_method_t){.name = "base", .family = "base", .kind = KVP_EVAL_BASE};
     static const char *alone_family[] = {"aux alone", "pruned alone", "train-kvp aux alone",
-                                         "aux alone"};
+                                         "fine-tuned baselines"};
     static const char *kvp_family[] = {"kvp ridge (aux)", "kvp ridge (pruned)", "kvp train-kvp"};
     for (int i = 0; i < o->n_e; i++) {
         const entry_t *e = &o->e[i];
@@ -421,19 +421,55 @@ static int families(const kvp_eval_method_t *m, int n, int *fam) {
 
 /* One panel: y column yc (3 continuation accuracy, 4 log-likelihood, 5
  * HumanEval-like agreement) against x column xc (1 FLOPs vs base, 2 measured
- * ms), one series per family; labels from column 6. */
-static void plot_panel(FILE *g, int nf, const kvp_eval_method_t *m, const int *fam, int xc, int yc,
-                       bool labels) {
+ * ms), a series of points per family. Against FLOPs, the two Pareto fronts
+ * as steps ($front_kvp_Y, $front_alone_Y: the best KV Prediction and the best
+ * baseline at or below each budget), their points labelled from column 6. */
+static void plot_panel(FILE *g, int nf, const kvp_eval_method_t *m, const int *fam, int xc,
+                       int yc) {
     fputs("plot ", g);
     for (int k = 0; k < nf; k++) {
-        fprintf(g, "%s$f%d using %d:%d with linespoints lw 2 pt 7 ps 1.2 lc %d title ",
-                k ? ", " : "", k, xc, yc, k + 1);
+        fprintf(g, "%s$f%d using %d:%d with points pt 7 ps 1.2 lc %d title ", k ? ", " : "", k, xc,
+                yc, k + 1);
         put_quoted(g, m[fam[k]].family);
-        if (labels)
-            fprintf(g, ", $f%d using %d:%d:6 with labels font ',8' offset 0,0.9 notitle", k, xc,
+    }
+    if (xc == 1) {
+        static const char *front[2][2] = {{"kvp", "KV Prediction front"},
+                                          {"alone", "baselines front"}};
+        for (int f = 0; f < 2; f++)
+            fprintf(g,
+                    ", $front_%s_%d using 1:2 with steps lw 2.5 dt %d lc rgb '%s' title '%s'"
+                    ", $front_%s_%d using 1:2:3 with labels font ',8' offset 0,0.9 notitle",
+                    front[f][0], yc, f ? 2 : 1, f ? "#777777" : "#000080", front[f][1], front[f][0],
                     yc);
     }
     fputc('\n', g);
+}
+
+/* The Pareto front of one kind on metric yc (3 accuracy, 4 log-likelihood,
+ * 5 HumanEval-like agreement) as a gnuplot block $front_NAME_yc: by
+ * increasing FLOPs, each point that beats every cheaper one (x, y, name). */
+static void put_front(FILE *g, const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n,
+                      kvp_eval_kind_t kind, const char *name, int yc, double base_flops) {
+    int idx[MAX_METHODS], ni = 0;
+    for (int i = 0; i < n; i++)
+        if (m[i].kind == kind) idx[ni++] = i;
+    for (int a = 1; a < ni; a++)
+        for (int b = a; b > 0 && r[idx[b]].flops < r[idx[b - 1]].flops; b--) {
+            int t = idx[b];
+            idx[b] = idx[b - 1], idx[b - 1] = t;
+        }
+    fprintf(g, "$front_%s_%d << EOD\n", name, yc);
+    double best = -INFINITY;
+    for (int a = 0; a < ni; a++) {
+        const kvp_eval_result_t *x = &r[idx[a]];
+        double y = yc == 3 ? x->acc : yc == 4 ? x->decode_loglik : x->he_agree;
+        if (!isfinite(y) || y <= best) continue;
+        best = y;
+        fprintf(g, "%.6g\t%.6g\t%s\n", x->flops / base_flops, y, m[idx[a]].name);
+    }
+    if (isfinite(best)) /* the last step runs on to the base's budget */
+        fprintf(g, "1\t%.6g\t\n", best);
+    fputs("EOD\n", g);
 }
 
 static int plot(const char *path, const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n,
@@ -455,7 +491,9 @@ static int plot(const char *path, const kvp_eval_method_t *m, const kvp_eval_res
           "font ',10' } else { set terminal png size 1400,1000 }\nset output ",
           g);
     put_quoted(g, path);
-    fputs("\nset grid\nset key bottom right font ',9'\nset datafile separator '\\t'\n"
+    /* noenhanced: names such as pruned-1_4 keep their underscores */
+    fputs("\nset termoption noenhanced\nset grid\nset key bottom right font ',9'\nset datafile "
+          "separator '\\t'\n"
           "set offsets graph 0.03, graph 0.03, graph 0.08, graph 0.05\n",
           g);
     /* per family, sorted by FLOPs: x FLOPs/base, x ms, y acc, y loglik, y HumanEval
@@ -478,26 +516,30 @@ static int plot(const char *path, const kvp_eval_method_t *m, const kvp_eval_res
         }
         fputs("EOD\n", g);
     }
+    for (int yc = 3; yc <= 5; yc++) {
+        put_front(g, m, r, n, KVP_EVAL_KVP, "kvp", yc, base_flops);
+        put_front(g, m, r, n, KVP_EVAL_ALONE, "alone", yc, base_flops);
+    }
     fputs("set multiplot layout 2,2 title ", g);
     put_quoted(g, title);
     fputs("\nset xlabel 'TTFT FLOPs (fraction of the base prefill)'\n"
           "set ylabel 'continuation accuracy (greedy tokens = test text)'\n"
           "set title 'accuracy against TTFT FLOPs'\n",
           g);
-    plot_panel(g, nf, m, fam, 1, 3, true);
+    plot_panel(g, nf, m, fam, 1, 3);
     fputs("set xlabel 'measured TTFT on this CPU (ms)'\nset title 'accuracy against measured "
           "TTFT'\n",
           g);
-    plot_panel(g, nf, m, fam, 2, 3, false);
+    plot_panel(g, nf, m, fam, 2, 3);
     fputs("set xlabel 'TTFT FLOPs (fraction of the base prefill)'\n"
           "set ylabel 'log-likelihood of the true continuation (nats/token)'\n"
           "set title 'log p(true continuation) under the decoding model, on the method''s cache'\n",
           g);
-    plot_panel(g, nf, m, fam, 1, 4, false);
+    plot_panel(g, nf, m, fam, 1, 4);
     fputs("set ylabel 'HumanEval-like: same first line as the base'\n"
           "set title 'HumanEval-like agreement with the base against TTFT FLOPs'\n",
           g);
-    plot_panel(g, nf, m, fam, 1, 5, false);
+    plot_panel(g, nf, m, fam, 1, 5);
     fputs("unset multiplot\n", g);
     int ws = pclose(g);
     struct stat st;
