@@ -345,12 +345,16 @@ bool kvp_matvec16_cpu_has_avx512(void) {
 
 /* ---- the runner ------------------------------------------------------- */
 
+/* A product (fn NULL: chunks of output rows) or a parallel-for (fn: one
+ * item a chunk). */
 typedef struct job {
     float *y;
     const float *x;
     const void *w;
     wtype_t wt;
     int n_tok, n_in, n_out, n_chunks;
+    kvp_matvec16_item_fn fn;
+    void *arg;
 } job_t;
 
 /* The caller writes `job` only while no worker can read it: `open` is false
@@ -381,15 +385,26 @@ struct kvp_matvec16 {
     pthread_cond_t cv;
 };
 
-/* Takes chunks of the current job until none is left. */
-static void run_chunks(kvp_matvec16_t *mv) {
-    const job_t *j = &mv->job;
-    int c;
-    while ((c = atomic_fetch_add_explicit(&mv->next, 1, memory_order_relaxed)) < j->n_chunks) {
-        int r0 = c * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < j->n_out ? r0 + CHUNK_ROWS : j->n_out;
-        mv->rows(j->y, j->n_out, j->x, j->n_tok, j->w, j->n_in, r0, r1, j->wt);
-        atomic_fetch_add_explicit(&mv->done, 1, memory_order_release);
+static void run_chunk(const kvp_matvec16_t *mv, const job_t *j, int c) {
+    if (j->fn) {
+        j->fn(j->arg, c);
+        return;
     }
+    int r0 = c * CHUNK_ROWS, r1 = r0 + CHUNK_ROWS < j->n_out ? r0 + CHUNK_ROWS : j->n_out;
+    mv->rows(j->y, j->n_out, j->x, j->n_tok, j->w, j->n_in, r0, r1, j->wt);
+}
+
+/* Takes chunks of the current job until none is left; returns how many this
+ * thread ran. */
+static int run_chunks(kvp_matvec16_t *mv) {
+    const job_t *j = &mv->job;
+    int c, n = 0;
+    while ((c = atomic_fetch_add_explicit(&mv->next, 1, memory_order_relaxed)) < j->n_chunks) {
+        run_chunk(mv, j, c);
+        atomic_fetch_add_explicit(&mv->done, 1, memory_order_release);
+        n++;
+    }
+    return n;
 }
 
 /* Returns the first generation different from `seen`: spinning first, then
@@ -491,39 +506,68 @@ void kvp_matvec16_free(kvp_matvec16_t **pmv) {
     *pmv = NULL;
 }
 
-void kvp_matvec16(kvp_matvec16_t *mv, float *y, const float *x, const void *w, kvp_ggml_type_t type,
-                  int n_tok, int n_in, int n_out) {
-    wtype_t wt = type == KVP_GGML_Q8_0 ? W_Q8 : type == KVP_GGML_BF16 ? W_BF16 : W_F16;
-    int n_chunks = (n_out + CHUNK_ROWS - 1) / CHUNK_ROWS;
-    if (mv->n_workers == 0 || n_chunks < 2 || (mv->solo_until > 0 && kvp_now() < mv->solo_until)) {
-        mv->rows(y, n_out, x, n_tok, w, n_in, 0, n_out, wt);
-        return;
-    }
-    mv->job = (job_t){.y = y,
-                      .x = x,
-                      .w = w,
-                      .wt = wt,
-                      .n_tok = n_tok,
-                      .n_in = n_in,
-                      .n_out = n_out,
-                      .n_chunks = n_chunks};
+/* Whether the caller runs job j alone: no workers, too little to share, or
+ * within SOLO_MS of a stall. */
+static bool run_alone(const kvp_matvec16_t *mv, const job_t *j) {
+    return mv->n_workers == 0 || j->n_chunks < 2 ||
+           (mv->solo_until > 0 && kvp_now() < mv->solo_until);
+}
+
+/* Publishes j, takes chunks of it with the workers and returns once every
+ * chunk is done and no worker looks at it any more. A chunk of a product
+ * takes microseconds but an item of a parallel-for may take much longer (a
+ * head's attention over 8192 positions reads 4 MB), and the caller may
+ * rightly wait for one chunk a worker is in the middle of: a stall is a wait
+ * beyond STALL_US plus twice the caller's own average chunk. */
+static void run_shared(kvp_matvec16_t *mv, const job_t *j) {
+    mv->job = *j;
+    const int n_chunks = j->n_chunks;
     atomic_store_explicit(&mv->next, 0, memory_order_relaxed);
     atomic_store_explicit(&mv->done, 0, memory_order_relaxed);
     atomic_store(&mv->open, true); /* publishes job, next and done */
     atomic_fetch_add(&mv->gen, 1);
     wake_workers(mv);
-    run_chunks(mv);
+    double t_start = kvp_now();
+    int mine = run_chunks(mv);
     /* chunks taken by workers and still running */
     if (atomic_load_explicit(&mv->done, memory_order_acquire) < n_chunks) {
         double t0 = kvp_now();
         while (atomic_load_explicit(&mv->done, memory_order_acquire) < n_chunks)
             cpu_relax();
         double t1 = kvp_now();
-        mv->solo_until = t1 - t0 > STALL_US * 1e-6 ? t1 + SOLO_MS * 1e-3 : 0;
+        double chunk_s = mine > 0 ? (t0 - t_start) / mine : 0.0;
+        mv->solo_until = t1 - t0 > STALL_US * 1e-6 + 2.0 * chunk_s ? t1 + SOLO_MS * 1e-3 : 0;
     }
     atomic_store(&mv->open, false);
     while (atomic_load(&mv->busy) > 0)
         cpu_relax();
+}
+
+void kvp_matvec16(kvp_matvec16_t *mv, float *y, const float *x, const void *w, kvp_ggml_type_t type,
+                  int n_tok, int n_in, int n_out) {
+    wtype_t wt = type == KVP_GGML_Q8_0 ? W_Q8 : type == KVP_GGML_BF16 ? W_BF16 : W_F16;
+    job_t j = {.y = y,
+               .x = x,
+               .w = w,
+               .wt = wt,
+               .n_tok = n_tok,
+               .n_in = n_in,
+               .n_out = n_out,
+               .n_chunks = (n_out + CHUNK_ROWS - 1) / CHUNK_ROWS};
+    if (run_alone(mv, &j))
+        mv->rows(y, n_out, x, n_tok, w, n_in, 0, n_out, wt);
+    else
+        run_shared(mv, &j);
+}
+
+void kvp_matvec16_for(kvp_matvec16_t *mv, int n_items, kvp_matvec16_item_fn fn, void *arg) {
+    job_t j = {.fn = fn, .arg = arg, .n_chunks = n_items};
+    if (!run_alone(mv, &j)) {
+        run_shared(mv, &j);
+        return;
+    }
+    for (int i = 0; i < n_items; i++)
+        fn(arg, i);
 }
 
 int kvp_matvec16_threads(const kvp_matvec16_t *mv) {

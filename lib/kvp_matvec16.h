@@ -60,6 +60,16 @@ void kvp_matvec16_free(kvp_matvec16_t **mv);
 void kvp_matvec16(kvp_matvec16_t *mv, float *y, const float *x, const void *w, kvp_ggml_type_t type,
                   int n_tok, int n_in, int n_out);
 
+/* fn(arg, i) for every i in [0, n_items), shared among the caller and the
+ * workers as the output rows of a product are (an atomic counter hands out
+ * one item at a time; the same spin, sleep and work-alone rules); returns
+ * when all are done. Each item runs whole on one thread, so results do not
+ * depend on the thread count when items write disjoint memory. For work a
+ * step does besides its products, such as attention over the cache, one
+ * item per head. */
+typedef void (*kvp_matvec16_item_fn)(void *arg, int item);
+void kvp_matvec16_for(kvp_matvec16_t *mv, int n_items, kvp_matvec16_item_fn fn, void *arg);
+
 int kvp_matvec16_threads(const kvp_matvec16_t *mv);
 const char *kvp_matvec16_isa_name(const kvp_matvec16_t *mv); /* "avx512" or "plain" */
 

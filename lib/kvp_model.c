@@ -586,7 +586,7 @@ struct kvp_model_ctx {
     float *att;         /* [max_tok][n_q] */
     float *gu;          /* [max_tok][2*n_ff] */
     float *ffh;         /* [max_tok][n_ff] */
-    float *scratch;     /* attention scores */
+    float *scratch;     /* attention scores (a single-token step: n_head rows of max_ctx) */
     float *rope_cs;     /* [max_tok][rope_dim]: cos/sin of each position of the chunk */
     kvp_matvec16_t *mv; /* the compact-weight kernel and its threads; NULL without a copy */
 };
@@ -612,7 +612,11 @@ int kvp_model_ctx_new(kvp_model_ctx_t **out, const kvp_model_t *m, int max_tok, 
     ctx->att = malloc(sizeof(float) * T * nq);
     ctx->gu = malloc(sizeof(float) * T * 2 * c->n_ff);
     ctx->ffh = malloc(sizeof(float) * T * c->n_ff);
-    ctx->scratch = malloc(sizeof(float) * kvp_attention_scratch(max_tok, max_ctx));
+    /* prefill tiles, or one row of scores per head for a single-token step
+     * whose heads run on the runner's threads at once */
+    size_t n_scratch = kvp_attention_scratch(max_tok, max_ctx);
+    if (n_scratch < (size_t)c->n_head * max_ctx) n_scratch = (size_t)c->n_head * max_ctx;
+    ctx->scratch = malloc(sizeof(float) * n_scratch);
     ctx->rope_cs = malloc(sizeof(float) * T * (size_t)(c->rope_dim + 1));
     if (!ctx->x || !ctx->xn || !ctx->qkv || !ctx->att || !ctx->gu || !ctx->ffh || !ctx->scratch ||
         !ctx->rope_cs) {
@@ -666,6 +670,46 @@ static void project(kvp_model_ctx_t *ctx, float *y, const float *x, const float 
         kvp_matmul(y, x, w, n, n_in, n_out);
 }
 
+/* A single-token step's attention, one runner item per query head. */
+typedef struct att_heads {
+    float *out;
+    const float *q, *k, *v;
+    float *scores; /* n_head rows of n_ctx */
+    int n_ctx, head_dim, group, cap;
+} att_heads_t;
+
+static void att_head(void *arg, int h) {
+    const att_heads_t *a = arg;
+    const size_t hd = (size_t)a->head_dim, kv = (size_t)(h / a->group) * a->cap * hd;
+    kvp_attention_row(a->out + h * hd, a->q + h * hd, a->k + kv, a->v + kv, a->n_ctx, a->head_dim,
+                      a->scores + (size_t)h * a->n_ctx);
+}
+
+/* Attention of n tokens at pos0.. over layer l's cache. One token (decode,
+ * the base step of KV Prediction) is memory-bound (at 2048 positions a
+ * layer's K and V are 12.6 MB for the 110M model) and as two sgemm of one
+ * row a head runs on one thread; with a runner, its heads are shared among
+ * the runner's threads. Prefill and models without a copy stay on sgemm. */
+static void attention(kvp_model_ctx_t *ctx, kvp_kvcache_t *cache, int l, int n, int pos0) {
+    const kvp_model_config_t *c = &ctx->m->cfg;
+    const int nq = c->n_head * c->head_dim, ld_qkv = nq + 2 * c->n_kv_head * c->head_dim;
+    if (n == 1 && ctx->mv && ctx->m->params16) {
+        att_heads_t a = {.out = ctx->att,
+                         .q = ctx->qkv,
+                         .k = kvp_kvcache_k(cache, l),
+                         .v = kvp_kvcache_v(cache, l),
+                         .scores = ctx->scratch,
+                         .n_ctx = pos0 + 1,
+                         .head_dim = c->head_dim,
+                         .group = c->n_head / c->n_kv_head,
+                         .cap = cache->cap};
+        kvp_matvec16_for(ctx->mv, c->n_head, att_head, &a);
+        return;
+    }
+    kvp_attention(ctx->att, nq, ctx->qkv, ld_qkv, kvp_kvcache_k(cache, l), kvp_kvcache_v(cache, l),
+                  n, pos0, c->n_head, c->n_kv_head, c->head_dim, cache->cap, ctx->scratch);
+}
+
 static void add_rows(float *x, const float *y, size_t n) {
     for (size_t i = 0; i < n; i++)
         x[i] += y[i];
@@ -689,8 +733,7 @@ static void block_forward(kvp_model_ctx_t *ctx, kvp_kvcache_t *cache, int l, int
         kvp_rope_apply(row + nq, c->n_kv_head, c->head_dim, c->rope_dim, cs, 1.0f);
     }
     kvp_kvcache_store(cache, l, pos0, n, ctx->qkv + nq, ld_qkv, ctx->qkv + nq + nkv, ld_qkv);
-    kvp_attention(ctx->att, nq, ctx->qkv, ld_qkv, kvp_kvcache_k(cache, l), kvp_kvcache_v(cache, l),
-                  n, pos0, c->n_head, c->n_kv_head, c->head_dim, cache->cap, ctx->scratch);
+    attention(ctx, cache, l, n, pos0);
     project(ctx, ctx->xn, ctx->att, L->wo, L->wo16, n, nq, E);
     add_rows(ctx->x, ctx->xn, (size_t)n * E);
 

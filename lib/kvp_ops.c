@@ -158,3 +158,50 @@ void kvp_attention(float *out, int ld_out, const float *q, int ld_q, const float
         }
     }
 }
+
+/* q . k over n values in DOT_LANES running sums: as in softmax, a single
+ * accumulator would keep the loop scalar (no reordering without
+ * -ffast-math); 16 lanes fill one AVX-512 vector or two AVX2 ones. */
+enum { DOT_LANES = 16 };
+
+static float dot_lanes(const float *a, const float *b, int n) {
+    float s[DOT_LANES] = {0}, tail = 0.0f;
+    int i = 0;
+    for (; i + DOT_LANES <= n; i += DOT_LANES)
+        for (int j = 0; j < DOT_LANES; j++)
+            s[j] += a[i + j] * b[i + j];
+    for (; i < n; i++)
+        tail += a[i] * b[i];
+    for (int w = DOT_LANES / 2; w > 0; w /= 2) /* pairwise, as a vector reduction does */
+        for (int j = 0; j < w; j++)
+            s[j] += s[j + w];
+    return s[0] + tail;
+}
+
+/* Why not the sgemm of kvp_attention with one row: OpenBLAS runs products
+ * this small on one thread and pays its call overhead twice per head; here a
+ * head is a plain loop that one of the runner's threads takes whole. The
+ * weighted sum of values takes four positions a step, so out is read and
+ * written once per four rows of V (both loops are bound by reading K and V). */
+void kvp_attention_row(float *restrict out, const float *q, const float *kh, const float *vh,
+                       int n_ctx, int head_dim, float *restrict scores) {
+    const float scale = 1.0f / sqrtf((float)head_dim);
+    for (int j = 0; j < n_ctx; j++)
+        scores[j] = scale * dot_lanes(q, kh + (size_t)j * head_dim, head_dim);
+    kvp_softmax(scores, n_ctx);
+    for (int d = 0; d < head_dim; d++)
+        out[d] = 0.0f;
+    int j = 0;
+    for (; j + 4 <= n_ctx; j += 4) {
+        const float *v0 = vh + (size_t)j * head_dim, *v1 = v0 + head_dim, *v2 = v1 + head_dim,
+                    *v3 = v2 + head_dim;
+        const float p0 = scores[j], p1 = scores[j + 1], p2 = scores[j + 2], p3 = scores[j + 3];
+        for (int d = 0; d < head_dim; d++)
+            out[d] += (p0 * v0[d] + p1 * v1[d]) + (p2 * v2[d] + p3 * v3[d]);
+    }
+    for (; j < n_ctx; j++) {
+        const float *vj = vh + (size_t)j * head_dim;
+        for (int d = 0; d < head_dim; d++)
+            out[d] += scores[j] * vj[d];
+    }
+}

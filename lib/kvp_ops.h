@@ -81,4 +81,16 @@ void kvp_attention(float *out, int ld_out, const float *q, int ld_q, const float
                    float *scratch);
 size_t kvp_attention_scratch(int n_tok, int n_ctx);
 
+/* The attention of one query row for one head, the unit a single-token step
+ * shares among threads (one call per head, each on one thread):
+ *   q      [head_dim] (rotated)
+ *   kh, vh [n_ctx][head_dim]: the keys (rotated) and values of the head's kv
+ *          head at positions 0 .. n_ctx-1 (the cache's layout for one kv head)
+ *   out    [head_dim]
+ *   scores n_ctx floats of scratch
+ * Scores are scaled by 1/sqrt(head_dim). Every sum is in float in a fixed
+ * order, so the result does not depend on which thread runs it. */
+void kvp_attention_row(float *out, const float *q, const float *kh, const float *vh, int n_ctx,
+                       int head_dim, float *scores);
+
 #endif

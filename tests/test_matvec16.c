@@ -2,12 +2,14 @@
  * against a plain double-precision loop for F16 and BF16 on odd shapes, on
  * the AVX-512 and the plain path and on several threads; the widening of
  * every 16-bit pattern; a long run of products of changing shapes shared
- * with worker threads; then a model with 16-bit weights against the f32
- * forward of the same rounded weights, its generation, its GGUF loading and
- * the rule of which products use the copy. */
+ * with worker threads; the runner's parallel-for; then a model with 16-bit
+ * weights against the f32 forward of the same rounded weights (its
+ * single-token steps run attention on the runner too), its generation, its
+ * GGUF loading and the rule of which products use the copy. */
 #include <math.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -16,6 +18,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cblas.h>
 #include <cmocka.h>
 
 #include "kvp_generate.h"
@@ -186,6 +189,52 @@ static void test_threads_share_many_products_exactly(void **state) {
         free_problem(&ps[i]);
 }
 
+typedef struct visits {
+    atomic_int count[200];
+} visits_t;
+
+static void visit(void *arg, int item) {
+    visits_t *v = arg;
+    atomic_fetch_add(&v->count[item], 1);
+}
+
+/* kvp_matvec16_for runs every item exactly once, on 1, 2 and 3 threads, for
+ * hundreds of calls in a row of changing sizes, mixed with products through
+ * the same runner (a worker must not mistake one kind of job for the other
+ * or act on a stale one). */
+static void test_for_runs_every_item_exactly_once(void **state) {
+    (void)state;
+    const int threads[] = {1, 2, 3}, sizes[] = {0, 1, 2, 3, 12, 31, 200};
+    const int n_sizes = sizeof sizes / sizeof sizes[0];
+    problem_t p = make_problem(1, 64, 300, KVP_GGML_F16, 21);
+    float *want = malloc(sizeof(float) * 300), *got = malloc(sizeof(float) * 300);
+    visits_t *v = malloc(sizeof *v);
+    for (size_t th = 0; th < sizeof threads / sizeof threads[0]; th++) {
+        kvp_matvec16_t *mv = kvp_test_runner(threads[th], KVP_MV16_AUTO);
+        kvp_matvec16(mv, want, p.x, p.w, p.type, 1, p.K, p.N);
+        for (int rep = 0; rep < 700; rep++) {
+            int n = sizes[rep % n_sizes];
+            for (int i = 0; i < 200; i++)
+                atomic_init(&v->count[i], 0);
+            kvp_matvec16_for(mv, n, visit, v);
+            for (int i = 0; i < 200; i++)
+                if (atomic_load(&v->count[i]) != (i < n))
+                    fail_msg("%d threads, call %d of %d items: item %d ran %d times", threads[th],
+                             rep, n, i, atomic_load(&v->count[i]));
+            if (rep % 3 == 0) {
+                kvp_matvec16(mv, got, p.x, p.w, p.type, 1, p.K, p.N);
+                assert_memory_equal(got, want, sizeof(float) * 300);
+            }
+            if (rep % 100 == 99) usleep(3000); /* let the workers fall asleep now and then */
+        }
+        kvp_matvec16_free(&mv);
+    }
+    free(v);
+    free(want);
+    free(got);
+    free_problem(&p);
+}
+
 static void test_runner_refuses_missing_avx512_and_names_its_path(void **state) {
     (void)state;
     kvp_matvec16_t *mv = NULL;
@@ -324,6 +373,61 @@ static void test_single_token_steps_match_f32_twin(void **state) {
             kvp_model_free(&h);
             kvp_model_free(&f);
         }
+}
+
+/* A context whose runner has `threads` threads (the context takes
+ * OpenBLAS's count), over a cache of cap positions. */
+static kvp_test_stepper_t stepper_with_threads(const kvp_model_t *m, int cap, int threads) {
+    int was = openblas_get_num_threads();
+    openblas_set_num_threads(threads);
+    kvp_test_stepper_t s = kvp_test_stepper_new(m, cap);
+    openblas_set_num_threads(was);
+    return s;
+}
+
+/* A long context, where attention over the cache weighs most: after a
+ * 200-token prefill, single-token steps (attention shared among the
+ * runner's threads head by head) match the f32 twin (kvp_attention on
+ * sgemm) within 1e-5; and a run of 210 single-token steps gives the same
+ * logits bit for bit on 1 and on 3 runner threads. */
+static void test_long_context_steps_match_twin_and_any_thread_count(void **state) {
+    (void)state;
+    enum { N = 210, PROMPT = 200 };
+    kvp_model_t *h, *f;
+    make_pair(odd_cfg(false), KVP_GGML_BF16, &h, &f);
+    const int V = h->cfg.n_vocab;
+    int32_t tok[N];
+    kvp_rng_t r;
+    kvp_rng_seed(&r, 23);
+    for (int i = 0; i < N; i++)
+        tok[i] = (int32_t)kvp_rng_below(&r, (uint64_t)V);
+    kvp_test_stepper_t sh = kvp_test_stepper_new(h, N), sf = kvp_test_stepper_new(f, N);
+    kvp_test_step(&sh, tok, PROMPT, KVP_LOGITS_LAST);
+    kvp_test_step(&sf, tok, PROMPT, KVP_LOGITS_LAST);
+    for (int i = PROMPT; i < N; i++) {
+        kvp_test_step(&sh, tok + i, 1, KVP_LOGITS_LAST);
+        kvp_test_step(&sf, tok + i, 1, KVP_LOGITS_LAST);
+        double e = kvp_test_rel_err(sh.logits, sf.logits, V);
+        if (!(e < 1e-5)) fail_msg("step at position %d differs from the f32 twin by %g", i, e);
+    }
+    kvp_test_stepper_free(&sh);
+    kvp_test_stepper_free(&sf);
+
+    kvp_test_stepper_t s1 = stepper_with_threads(h, N, 1), s3 = stepper_with_threads(h, N, 3);
+    assert_int_equal(kvp_matvec16_threads(kvp_model_ctx_matvec16(s1.ctx)), 1);
+    int t3 = kvp_matvec16_threads(kvp_model_ctx_matvec16(s3.ctx));
+    if (t3 != 3) print_message("OpenBLAS gave %d threads, not 3: comparing 1 with %d\n", t3, t3);
+    assert_true(t3 > 1);
+    for (int i = 0; i < N; i++) {
+        kvp_test_step(&s1, tok + i, 1, KVP_LOGITS_LAST);
+        kvp_test_step(&s3, tok + i, 1, KVP_LOGITS_LAST);
+        if (memcmp(s1.logits, s3.logits, sizeof(float) * V))
+            fail_msg("position %d: logits on %d threads differ from those on 1", i, t3);
+    }
+    kvp_test_stepper_free(&s1);
+    kvp_test_stepper_free(&s3);
+    kvp_model_free(&h);
+    kvp_model_free(&f);
 }
 
 /* Which products use the copy: spoil the copy of one matrix and only
@@ -485,9 +589,11 @@ int main(void) {
         cmocka_unit_test(test_every_16_bit_pattern_widens_exactly),
         cmocka_unit_test(test_kernel_matches_double_reference),
         cmocka_unit_test(test_threads_share_many_products_exactly),
+        cmocka_unit_test(test_for_runs_every_item_exactly_once),
         cmocka_unit_test(test_runner_refuses_missing_avx512_and_names_its_path),
         cmocka_unit_test(test_make_half_rounds_weights_and_keeps_their_bits),
         cmocka_unit_test(test_single_token_steps_match_f32_twin),
+        cmocka_unit_test(test_long_context_steps_match_twin_and_any_thread_count),
         cmocka_unit_test(test_only_single_rows_read_the_copy),
         cmocka_unit_test(test_greedy_generation_gives_same_tokens),
         cmocka_unit_test(test_16_bit_files_load_with_the_copy),

@@ -581,6 +581,77 @@ static void attention_is_causal(void **state) {
     }
 }
 
+/* kvp_attention_row, one call per head as a single-token step makes them,
+ * against the double-precision definition: head h reads kv head
+ * h / (n_head / n_kv_head) of the cache layout; nothing past the head's
+ * output, nor the cache past n_ctx (filled with large values), is touched. */
+static void check_attention_row(int n_ctx, int n_head, int n_kv_head, int head_dim) {
+    att_case_t c;
+    att_case_init(&c, 1, n_ctx - 1, n_head, n_kv_head, head_dim);
+    float *scores = malloc(sizeof(float) * (size_t)n_ctx);
+    assert_non_null(scores);
+    const int group = n_head / n_kv_head;
+    for (int h = 0; h < n_head; h++) {
+        size_t kv = (size_t)(h / group) * c.cap * head_dim;
+        kvp_attention_row(c.out + (size_t)h * head_dim, c.q + (size_t)h * head_dim, c.k + kv,
+                          c.v + kv, n_ctx, head_dim, scores);
+    }
+    double *ref = calloc((size_t)c.ld_out, sizeof(double));
+    assert_non_null(ref);
+    ref_attention(ref, c.ld_out, c.q, c.ld_q, c.k, c.v, 1, n_ctx - 1, n_head, n_kv_head, head_dim,
+                  c.cap);
+    char what[128];
+    for (int h = 0; h < n_head; h++) {
+        snprintf(what, sizeof what, "attention row n_ctx %d head %d of %d (kv heads %d) dim %d",
+                 n_ctx, h, n_head, n_kv_head, head_dim);
+        assert_close(what, c.out + (size_t)h * head_dim, ref + (size_t)h * head_dim,
+                     (size_t)head_dim, 1e-5);
+    }
+    for (int i = n_head * head_dim; i < c.ld_out; i++)
+        assert_true(c.out[i] == 777.0f);
+    free(ref);
+    free(scores);
+    att_case_free(&c);
+}
+
+static void attention_row_matches_reference(void **state) {
+    (void)state;
+    /* lengths below, at and past the 4-position steps; head sizes below,
+     * off and at multiples of the 16 dot lanes; GQA 2:1, MQA 4:1, none */
+    const int n_ctxs[] = {1, 2, 17, 300}, kv_heads[] = {2, 1, 4}, head_dims[] = {8, 10, 16, 64};
+    for (int a = 0; a < 4; a++)
+        for (int b = 0; b < 3; b++)
+            for (int d = 0; d < 4; d++)
+                check_attention_row(n_ctxs[a], 4, kv_heads[b], head_dims[d]);
+}
+
+/* The row kernel and kvp_attention answer the same single-token question. */
+static void attention_row_agrees_with_attention(void **state) {
+    (void)state;
+    const int n_ctx = 200, n_head = 6, n_kv_head = 2, head_dim = 64;
+    att_case_t c;
+    att_case_init(&c, 1, n_ctx - 1, n_head, n_kv_head, head_dim);
+    att_case_run(&c);
+    float *row = malloc(sizeof(float) * (size_t)n_head * head_dim);
+    float *scores = malloc(sizeof(float) * (size_t)n_ctx);
+    double *want = malloc(sizeof(double) * (size_t)n_head * head_dim);
+    assert_non_null(row);
+    assert_non_null(scores);
+    assert_non_null(want);
+    for (int h = 0; h < n_head; h++) {
+        size_t kv = (size_t)(h / (n_head / n_kv_head)) * c.cap * head_dim;
+        kvp_attention_row(row + (size_t)h * head_dim, c.q + (size_t)h * head_dim, c.k + kv,
+                          c.v + kv, n_ctx, head_dim, scores);
+    }
+    for (int i = 0; i < n_head * head_dim; i++)
+        want[i] = c.out[i];
+    assert_close("attention row against kvp_attention", row, want, (size_t)n_head * head_dim, 1e-5);
+    free(row);
+    free(scores);
+    free(want);
+    att_case_free(&c);
+}
+
 int main(void) {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(matmul_one_token_matches_reference),
@@ -604,6 +675,8 @@ int main(void) {
         cmocka_unit_test(attention_five_tokens_matches_reference),
         cmocka_unit_test(attention_across_tiles_matches_reference),
         cmocka_unit_test(attention_is_causal),
+        cmocka_unit_test(attention_row_matches_reference),
+        cmocka_unit_test(attention_row_agrees_with_attention),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
