@@ -202,14 +202,14 @@ static double metric(const kvp_eval_result_t *r, int ll) {
     return ll ? r->decode_loglik : r->acc;
 }
 
-/* The best ALONE method at <= r[i]'s FLOPs by accuracy (ll 0) or
+/* The best method of `kind` at <= flops by accuracy (ll 0) or
  * log-likelihood (ll 1); -1 if none. */
-static int best_baseline(const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n, int i,
-                         int ll) {
+static int best_of_kind(const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n,
+                        kvp_eval_kind_t kind, double flops, int ll) {
     int best = -1;
     for (int j = 0; j < n; j++)
-        if (m[j].kind == KVP_EVAL_ALONE && r[j].flops <= r[i].flops &&
-            isfinite(metric(&r[j], ll)) && (best < 0 || metric(&r[j], ll) > metric(&r[best], ll)))
+        if (m[j].kind == kind && r[j].flops <= flops && isfinite(metric(&r[j], ll)) &&
+            (best < 0 || metric(&r[j], ll) > metric(&r[best], ll)))
             best = j;
     return best;
 }
@@ -231,8 +231,8 @@ int kvp_eval_goals(const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n
         kvp_eval_goal_t g = {.method = i, .alone = -1};
         for (int j = 0; j < n; j++)
             if (m[j].kind == KVP_EVAL_ALONE && m[j].model == m[i].model) g.alone = j;
-        g.best_acc = best_baseline(m, r, n, i, 0);
-        g.best_ll = best_baseline(m, r, n, i, 1);
+        g.best_acc = best_of_kind(m, r, n, KVP_EVAL_ALONE, r[i].flops, 0);
+        g.best_ll = best_of_kind(m, r, n, KVP_EVAL_ALONE, r[i].flops, 1);
         int ba = g.best_acc, bl = g.best_ll, np = r[i].n_prompts;
         g.margin = ba >= 0 ? r[i].acc - r[ba].acc : NAN;
         g.margin_se = ba >= 0 ? paired_se(r[i].acc_each, r[ba].acc_each, np) : NAN;
@@ -251,17 +251,6 @@ int kvp_eval_goals(const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n
     return ng;
 }
 
-/* The most accurate method of `kind` at <= flops; -1 if none. */
-static int best_of_kind(const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n,
-                        kvp_eval_kind_t kind, double flops) {
-    int best = -1;
-    for (int j = 0; j < n; j++)
-        if (m[j].kind == kind && r[j].flops <= flops && isfinite(r[j].acc) &&
-            (best < 0 || r[j].acc > r[best].acc))
-            best = j;
-    return best;
-}
-
 int kvp_eval_fronts(const kvp_eval_method_t *m, const kvp_eval_result_t *r, int n,
                     kvp_eval_front_t *fronts) {
     int base = -1, nf = 0;
@@ -274,8 +263,8 @@ int kvp_eval_fronts(const kvp_eval_method_t *m, const kvp_eval_result_t *r, int 
             seen = r[fronts[k].budget].flops == r[i].flops;
         if (seen) continue;
         kvp_eval_front_t f = {.budget = i};
-        f.kvp = best_of_kind(m, r, n, KVP_EVAL_KVP, r[i].flops);
-        f.baseline = best_of_kind(m, r, n, KVP_EVAL_ALONE, r[i].flops);
+        f.kvp = best_of_kind(m, r, n, KVP_EVAL_KVP, r[i].flops, 0);
+        f.baseline = best_of_kind(m, r, n, KVP_EVAL_ALONE, r[i].flops, 0);
         int k = f.kvp, b = f.baseline;
         f.margin = b >= 0 ? r[k].acc - r[b].acc : NAN;
         f.margin_se = b >= 0 ? paired_se(r[k].acc_each, r[b].acc_each, r[k].n_prompts) : NAN;
@@ -309,8 +298,8 @@ static void print_fronts(FILE *f, const kvp_eval_method_t *m, const kvp_eval_res
             met++;
             continue;
         }
-        fprintf(f, " vs %s %.4f: %+.4f +- %.4f", m[x->baseline].name, r[x->baseline].acc,
-                x->margin, x->margin_se);
+        fprintf(f, " vs %s %.4f: %+.4f +- %.4f", m[x->baseline].name, r[x->baseline].acc, x->margin,
+                x->margin_se);
         /* a gap within two standard errors has no share worth printing */
         bool measurable = isfinite(x->gap_closed) && !(x->gap < 2 * x->gap_se);
         if (measurable)
@@ -320,8 +309,9 @@ static void print_fronts(FILE *f, const kvp_eval_method_t *m, const kvp_eval_res
         fputc('\n', f);
         met += x->margin > 0 && (!measurable || x->gap_closed >= min_gap);
     }
-    fprintf(f, "  accuracy on the fronts: %d of %d budgets above the baselines and closing >= %.0f%% "
-               "(or no measurable gap)\n",
+    fprintf(f,
+            "  accuracy on the fronts: %d of %d budgets above the baselines and closing >= %.0f%% "
+            "(or no measurable gap)\n",
             met, nf, 100 * min_gap);
     free(fr);
 }
