@@ -19,6 +19,7 @@
 #include "kvp_half.h"
 #include "kvp_model.h"
 #include "kvp_rng.h"
+#include "kvp_test_util.h"
 #include "kvp_tokenizer.h"
 
 static kvp_model_config_t small_cfg(void) {
@@ -33,23 +34,10 @@ static kvp_model_config_t small_cfg(void) {
                                 .tied_output = true};
 }
 
+/* std 0.1 so that attention is far from uniform and errors would show;
+ * norms not all 1, to test that they are applied */
 static kvp_model_t *make_model(kvp_model_config_t cfg, uint64_t seed) {
-    kvp_model_t *m = NULL;
-    kvp_err_t err = {0};
-    /* std 0.1 so that attention is far from uniform and errors would show */
-    int rc = kvp_model_new_random(&m, &cfg, seed, 0.1f, &err);
-    if (rc) fail_msg("kvp_model_new_random: %s", err.msg);
-    /* norms not all 1, to test that they are applied */
-    kvp_rng_t r;
-    kvp_rng_seed(&r, seed + 1);
-    for (int i = 0; i < m->cfg.n_embd; i++) {
-        m->output_norm[i] = 0.5f + kvp_rng_uniform(&r);
-        for (int l = 0; l < m->cfg.n_layer; l++) {
-            m->layers[l].attn_norm[i] = 0.5f + kvp_rng_uniform(&r);
-            m->layers[l].ffn_norm[i] = 0.5f + kvp_rng_uniform(&r);
-        }
-    }
-    return m;
+    return kvp_test_model(cfg, seed, 0.1f);
 }
 
 static int32_t *random_tokens(int n, int n_vocab, uint64_t seed) {
